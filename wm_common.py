@@ -1,0 +1,638 @@
+"""Pieces every stage shares, written once: user errors and the CLI, seeding, device choice,
+atomic files, checkpoints, metrics, the JEPA losses and collapse diagnostics, and the training
+loop the trainers run."""
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- errors and CLI
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad file): printed as one line, no
+    traceback."""
+
+
+def fail(message: str) -> typing.NoReturn:
+    raise UserError(message)
+
+
+def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
+    """Returns (string -> value converter, whether None is allowed) for a dataclass field type."""
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    if typing.get_origin(tp) in (list, tuple):
+        inner = typing.get_args(tp)[0]
+
+        def parse_list(s: str) -> list:
+            return [inner(x) for x in s.replace(",", " ").split()]
+
+        return parse_list, optional
+    return tp, optional
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Checks and converts a value read from a YAML file to the field's type."""
+    convert, optional = _field_parser(tp)
+    if value is None:
+        if optional:
+            return None
+        fail(f"config key '{name}' cannot be empty")
+    base = typing.get_args(tp)[0] if optional else tp
+    if typing.get_origin(base) in (list, tuple):
+        if not isinstance(value, list):
+            fail(f"config key '{name}' must be a list, got {value!r}")
+        return [_coerce(name, v, typing.get_args(base)[0]) for v in value]
+    if base is bool and not isinstance(value, bool):
+        fail(f"config key '{name}' must be true or false, got {value!r}")
+    if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        fail(f"config key '{name}' must be a number, got {value!r}")
+    if base is int and isinstance(value, float) and not value.is_integer():
+        fail(f"config key '{name}' must be a whole number, got {value!r}")
+    return convert(value)
+
+
+def parse_config(
+    cfg_cls: type,
+    argv: list[str] | None = None,
+    *,
+    description: str = "",
+    aliases: dict[str, str] | None = None,
+) -> Any:
+    """Builds the CLI from a config dataclass: one `--flag-name` per field, help from the
+    field's `help` metadata. If the dataclass has a `config` field, `--config FILE.yaml` sets
+    fields from the file (keys are field names or `aliases`, e.g. seed 000's names); flags given
+    on the command line override the file; an unknown key is an error, never ignored."""
+    hints = typing.get_type_hints(cfg_cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cfg_cls):
+        meta = dict(f.metadata)
+        flag = f.name if meta.get("positional") else "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"help": meta.get("help", " "), "default": argparse.SUPPRESS}
+        if meta.get("positional"):
+            kw["nargs"] = "?"
+        if hints[f.name] is bool:
+            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        else:
+            convert, optional = _field_parser(hints[f.name])
+            kw["type"] = (lambda s, c=convert: None if s.lower() == "none" else c(s)) if optional else convert
+            kw["metavar"] = meta.get("metavar", f.name.upper())
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        if default is not None and default != "":
+            kw["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kw)
+    given = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if given.get("config"):
+        values = load_yaml_config(given["config"], cfg_cls, aliases or {})
+    values.update(given)
+    return cfg_cls(**values)
+
+
+def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str]) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        fail(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        fail(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        fail(f"config file {path} must be a mapping of key: value")
+    hints = typing.get_type_hints(cfg_cls)
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        name = aliases.get(key, key)
+        if name not in names or name == "config":
+            unknown.append(key)
+            continue
+        out[name] = _coerce(key, value, hints[name])
+    if unknown:
+        fail(
+            f"config file {path} has unknown keys {', '.join(map(str, unknown))}; valid keys: "
+            + ", ".join(sorted(names - {"config"} | set(aliases)))
+        )
+    return out
+
+
+def run_cli(main: Callable[[Any], Any], cfg_cls: type, argv: list[str] | None = None, **kw: Any) -> None:
+    """Thin CLI around `main(cfg)`: user errors print one line on stderr and exit 2; Ctrl-C
+    exits 130 after the stage has saved what it could."""
+    try:
+        main(parse_config(cfg_cls, argv, **kw))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def to_jsonable(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# ----------------------------------------------------------------------------- seeding, devices
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; asking for a device that is not there is an error."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but torch sees no CUDA GPU; use --device auto or cpu")
+    if name == "mps" and not has_mps:
+        fail("--device mps asked for, but MPS is not available; use --device auto or cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        fail(f"unknown --device {name}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write(tmp_path)` then renames over `path`, so a crash never leaves a half file
+    where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create {what} {path} ({e.strerror}); choose another location")
+    if not os.access(path, os.W_OK):
+        fail(f"{what} {path} is not writable; choose another location")
+    return path
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_KEYS = ("model", "model_config", "train_config", "step", "epoch", "optimizer", "data_meta", "arch")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload]
+    assert not missing, f"checkpoint payload lacks {missing}"
+    return atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | Path, *, arch: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Loads `model.pt` (or a run directory holding one) with `weights_only=True`, so a file
+    from someone else cannot run code, and checks it is a checkpoint of the expected arch."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        fail(f"checkpoint {path} not found; train a model first (train_jepa.py) or fix the path")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{p} is not a readable checkpoint ({type(e).__name__}); point --checkpoint at a model.pt written by a trainer")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        fail(f"{p} is not a checkpoint of this project (missing keys); point --checkpoint at a model.pt written by a trainer")
+    wanted = (arch,) if isinstance(arch, str) else arch
+    if wanted and ckpt["arch"] not in wanted:
+        fail(f"{p} holds a {ckpt['arch']} model, expected {' or '.join(wanted)}; use the matching script or --arch")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def frames_to_float(obs: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 frames [B,H,W,C] -> float [B,C,H,W] in [0,1]. Done per batch on the device, so the
+    dataset never holds a float copy."""
+    return obs.permute(0, 3, 1, 2).float().div_(scale)
+
+
+def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Seed 003's JEPA loss: MSE between L2-normalised vectors, i.e. (2 - 2 cos) / D."""
+    return F.mse_loss(F.normalize(pred, dim=-1), F.normalize(target, dim=-1))
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_std_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """Hinge on each dimension's std: 0 once every dim has std >= gamma, gamma when all
+    embeddings are identical (full collapse)."""
+    std = torch.sqrt(z.var(dim=0) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def vicreg_cov_loss(z: torch.Tensor) -> torch.Tensor:
+    """Sum of squared off-diagonal covariances over D: 0 for decorrelated dimensions."""
+    n, d = z.shape
+    z = z - z.mean(dim=0)
+    cov = (z.T @ z) / (n - 1)
+    return off_diagonal(cov).pow(2).sum() / d
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * online, for parameters and float buffers."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p for p in online.parameters()]
+    torch._foreach_mul_(t_params, decay)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - decay)
+    for tb, ob in zip(target.buffers(), online.buffers()):
+        tb.copy_(ob)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def embedding_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of the L2-normalised latents: ~1/sqrt(D) when spread over the
+    sphere, ~0 when every input maps to one point."""
+    return F.normalize(z.float(), dim=-1).std(dim=0).mean().item()
+
+
+def effective_rank(z: torch.Tensor) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of
+    the (uncentred) embedding matrix. 1 for a single direction, D for a flat spectrum."""
+    s = torch.linalg.svdvals(z.float())
+    p = s / s.sum().clamp_min(1e-12) + 1e-7
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapse_warning(std: float, rank: float, dim: int) -> bool:
+    """Collapse rule used everywhere: the normalised latents' per-dim std is below a tenth of a
+    uniform spread (0.1/sqrt(D)) or RankMe is below 2% of D (and below 3). Measured on
+    MiniGrid: a collapsed model sits at std ~0.001 and RankMe ~1.3; healthy ones at ~0.09 and
+    >20 for D=128."""
+    return std < 0.1 / math.sqrt(dim) or rank < max(1.5, min(3.0, 0.02 * dim))
+
+
+# ----------------------------------------------------------------------------- metrics and plots
+
+
+class MetricsLog:
+    """`metrics.csv`, one row per logged step (phase `train`) or per epoch (phase `val`). On
+    resume, rows written after the checkpoint's step are dropped so the curve has no doubles."""
+
+    def __init__(self, path: Path, fields: list[str], keep_until_step: int | None = None):
+        self.path, self.fields = path, fields
+        rows = []
+        if keep_until_step is not None and path.is_file():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_metrics(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open() as f:
+        return list(csv.DictReader(f))
+
+
+def plot_metrics(metrics_csv: Path, out_png: Path, *, latent_dim: int | None, title: str) -> None:
+    """loss.png: train/val loss, each loss term, and the two collapse diagnostics with the
+    thresholds of `collapse_warning` drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+
+    def series(phase: str, key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r["phase"] == phase and r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    terms = [k for k in (rows[0].keys() if rows else []) if k.endswith("_loss") and k != "loss"]
+    has_diag = latent_dim is not None and series("val", "effective_rank")[0]
+    ncols = 1 + (1 if terms else 0) + (2 if has_diag else 0)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.6), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
+    for phase, style in (("train", "-"), ("val", "o-")):
+        x, y = series(phase, "loss")
+        if x:
+            ax.plot(x, y, style, label=phase, ms=4)
+    ax.set(title="loss (what is optimised)", xlabel="step")
+    _log_if_positive(ax)
+    ax.legend()
+    if terms:
+        ax = axes.pop(0)
+        for key in terms:
+            x, y = series("train", key)
+            if x:
+                ax.plot(x, y, label=key)
+        ax.set(title="loss terms (train)", xlabel="step")
+        _log_if_positive(ax)
+        ax.legend(fontsize=8)
+    if has_diag:
+        x, y = series("val", "embedding_std")
+        ax = axes.pop(0)
+        ax.plot(x, y, "o-")
+        ax.axhline(1 / math.sqrt(latent_dim), color="g", ls=":", label="uniform spread")
+        ax.axhline(0.1 / math.sqrt(latent_dim), color="r", ls="--", label="collapse below")
+        ax.set(title="latent per-dim std (val)", xlabel="step", ylim=(0, None))
+        ax.legend(fontsize=8)
+        x, y = series("val", "effective_rank")
+        ax = axes.pop(0)
+        ax.plot(x, y, "o-")
+        ax.axhline(max(1.5, min(3.0, 0.02 * latent_dim)), color="r", ls="--", label="collapse below")
+        ax.set(title=f"effective rank, RankMe (of {latent_dim})", xlabel="step", ylim=(0, None))
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(out_png, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def _log_if_positive(ax: Any) -> None:
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@dataclasses.dataclass
+class FitSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    log_every: int
+    out_dir: Path
+    resume: bool
+    title: str
+
+
+def fit(
+    *,
+    model: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    device: torch.device,
+    settings: FitSettings,
+    checkpoint_info: dict[str, Any],
+    term_names: list[str],
+    resume_from: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The loop every trainer runs. The model supplies `loss(obs, action, next_obs) ->
+    (loss, {term: value})`, optionally `update_target()` (EMA) after each optimiser step, and
+    `encode(obs)` for the per-epoch collapse diagnostics. Data order comes from the loader's
+    epoch-seeded sampler, so `--resume` continues with exactly the batches an uninterrupted
+    run would see. Returns a summary of the last epoch."""
+    out = settings.out_dir
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    step, start_epoch = 0, 0
+    if resume_from is not None:
+        opt.load_state_dict(resume_from["optimizer"])
+        step, start_epoch = int(resume_from["step"]), int(resume_from["epoch"])
+    latent_dim = getattr(model, "latent_dim", None)
+    fields = ["step", "epoch", "phase", "loss", *term_names, "embedding_std", "effective_rank", "samples_per_s", "time_s"]
+    log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None)
+    sampler = train_loader.batch_sampler
+    t_start = time.perf_counter()
+    summary: dict[str, Any] = {}
+
+    def save(epoch: int) -> None:
+        payload = dict(checkpoint_info, model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch)
+        save_checkpoint(out / "model.pt", payload)
+
+    if start_epoch >= settings.epochs:
+        print(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
+    for epoch in range(start_epoch, settings.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        window: dict[str, float] = {}
+        window_n, epoch_sum, epoch_n = 0, 0.0, 0
+        t_window = time.perf_counter()
+        for batch_idx, batch in enumerate(train_loader, start=1):
+            obs, action, next_obs = (batch[k].to(device, non_blocking=True) for k in ("obs", "action", "next_obs"))
+            loss, terms = model.loss(obs, action, next_obs)
+            if not torch.isfinite(loss):
+                fail(
+                    f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint "
+                    f"in {out} is kept; lower --lr or check the data"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            opt.step()
+            if hasattr(model, "update_target"):
+                model.update_target()
+            step += 1
+            value = loss.item()
+            epoch_sum, epoch_n, window_n = epoch_sum + value, epoch_n + 1, window_n + 1
+            window["loss"] = window.get("loss", 0.0) + value
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            if batch_idx % settings.log_every == 0:
+                now = time.perf_counter()
+                avg = {k: v / window_n for k, v in window.items()}
+                print(f"Epoch {epoch + 1:02d} | Batch {batch_idx:04d} | Step {step:05d} | Avg Loss {avg['loss']:.4f}", flush=True)
+                rate = window_n * len(obs) / (now - t_window)
+                log.write({"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": now - t_start})
+                window, window_n, t_window = {}, 0, now
+        if epoch_n == 0:
+            fail("the training split gave no full batch; collect more episodes or lower --batch-size")
+        if window_n:
+            avg = {k: v / window_n for k, v in window.items()}
+            rate = window_n * len(obs) / (time.perf_counter() - t_window)
+            log.write(
+                {"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": time.perf_counter() - t_start}
+            )
+        val = evaluate(model, val_loader, device)
+        line = f"Epoch {epoch + 1:02d} finished | Mean Loss {epoch_sum / epoch_n:.4f} | Val Loss {val['loss']:.4f}"
+        if latent_dim is not None:
+            line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{latent_dim}"
+        print(line, flush=True)
+        if latent_dim is not None and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
+            print(
+                f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {latent_dim}, per-dim std "
+                f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
+                "nothing. Train with --reg vicreg.",
+                flush=True,
+            )
+        log.write({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
+        save(epoch + 1)
+        plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
+        summary = {"epoch": epoch + 1, "step": step, "train_loss": epoch_sum / epoch_n, **{f"val_{k}": v for k, v in val.items()}}
+    if not (out / "loss.png").exists() and (out / "metrics.csv").exists():
+        plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, max_latents: int = 4096) -> dict[str, float]:
+    """Mean loss and terms over a loader, plus the collapse diagnostics on the online latents."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    latents = []
+    kept = 0
+    for batch in loader:
+        obs, action, next_obs = (batch[k].to(device) for k in ("obs", "action", "next_obs"))
+        loss, terms = model.loss(obs, action, next_obs)
+        b = len(obs)
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() * b
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * b
+        n += b
+        if hasattr(model, "latent_dim") and kept < max_latents:
+            latents.append(model.encode(obs[: max_latents - kept]).cpu())
+            kept += len(latents[-1])
+    model.train(was_training)
+    if n == 0:
+        fail("the validation split is empty; collect more episodes or lower --val-fraction")
+    out = {k: v / n for k, v in sums.items()}
+    if latents:
+        z = torch.cat(latents)
+        out["embedding_std"] = embedding_std(z)
+        out["effective_rank"] = effective_rank(z)
+    return out
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for i in range(0, n, batch_size):
+        yield slice(i, min(i + batch_size, n))
+
+
+# ----------------------------------------------------------------------------- a training run
+
+
+def run_training(
+    cfg: Any,
+    *,
+    arch: str,
+    build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
+    term_names: list[str],
+) -> dict[str, Any]:
+    """What every trainer does around `fit`: load and split the data, seed, build (or restore,
+    with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
+    `build_model(saved_model_config_or_None, data)` returns the model. Everything that can fail
+    on user input is checked before anything is written."""
+    from minigrid_dataset import MiniGridTransitions, make_loaders
+
+    if cfg.epochs < 1:
+        fail(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        fail(f"--lr must be positive, got {cfg.lr}")
+    if cfg.log_every < 1:
+        fail(f"--log-every must be at least 1, got {cfg.log_every}")
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "model.pt"
+    resume_from = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            fail(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
+        resume_from = load_checkpoint(ckpt_path, arch=arch)
+    elif ckpt_path.exists() and not cfg.overwrite:
+        fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
+    device = choose_device(cfg.device)
+    print(f"Using device: {device}")
+    seed_everything(cfg.seed)
+    data = MiniGridTransitions(cfg.data)
+    for note in data.notes:
+        print(f"note: {note}")
+    train_loader, val_loader = make_loaders(
+        data,
+        batch_size=cfg.batch_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = build_model(resume_from["model_config"] if resume_from else None, data)
+    if resume_from:
+        model.load_state_dict(resume_from["model"])
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(
+        f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
+        f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val) | "
+        f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
+    )
+    check_writable_dir(out, "--out-dir")
+    train_config = to_jsonable(cfg)
+    write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})
+    data_meta = dict(data.meta, path=str(cfg.data), transitions=len(data), frame_shape=list(data.frame_shape))
+    settings = FitSettings(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every,
+        out_dir=out,
+        resume=cfg.resume,
+        title=f"{arch} on {Path(cfg.data).name}",
+    )
+    info = {"arch": arch, "model_config": model.model_config(), "train_config": train_config, "data_meta": data_meta}
+    summary = fit(
+        model=model,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        device=device,
+        settings=settings,
+        checkpoint_info=info,
+        term_names=term_names,
+        resume_from=resume_from,
+    )
+    print(f"Saved {ckpt_path}, {out / 'metrics.csv'}, {out / 'loss.png'}")
+    return summary
