@@ -91,6 +91,10 @@ def parse_config(
         kw: dict[str, Any] = {"help": meta.get("help", " "), "default": argparse.SUPPRESS}
         if meta.get("positional"):
             kw["nargs"] = "?"
+        if meta.get("repeat"):
+            kw.update(action="append", metavar=meta.get("metavar", f.name.upper()))
+            parser.add_argument(flag, **kw)
+            continue
         if hints[f.name] is bool:
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
@@ -285,7 +289,7 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
     o_params = [p for p in online.parameters()]
     torch._foreach_mul_(t_params, decay)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - decay)
-    for tb, ob in zip(target.buffers(), online.buffers()):
+    for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
         tb.copy_(ob)
 
 

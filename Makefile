@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# GPU users: make demo TORCH=torch   (PyPI's default Linux build of torch is the CUDA one)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+DEMO_DATA ?= data/demo_empty8x8.npz
+DEMO_EPISODES ?= 80
+DEMO_EPOCHS ?= 4
+
+.PHONY: setup demo test test-all lint clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)" -r requirements-dev.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+# collect -> summarise -> train the CNN JEPA -> inspect: a few minutes on a 2-core CPU
+demo: setup
+	$(BIN)/python collect_minigrid_data.py --env MiniGrid-Empty-8x8-v0 --episodes $(DEMO_EPISODES) --actions nav --seed 0 --out $(DEMO_DATA)
+	$(BIN)/python minigrid_dataset.py $(DEMO_DATA)
+	$(BIN)/python train_jepa.py --arch cnn --data $(DEMO_DATA) --epochs $(DEMO_EPOCHS) --seed 0 --out-dir checkpoints/jepa_cnn --overwrite
+	$(BIN)/python inspect_jepa_model.py --checkpoint checkpoints/jepa_cnn --data $(DEMO_DATA) --out-dir inspection
+	@echo "Done: checkpoints/jepa_cnn/loss.png, inspection/inspection.png, inspection/eval.json"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ""
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf data checkpoints inspection .pytest_cache

@@ -1,0 +1,216 @@
+"""Speed and memory, as ratios measured in one run on this machine (compare them anywhere).
+
+    python benchmark.py --out bench.json
+
+- collect: collector steps/s vs a bare gymnasium loop stepping the same env, seeds and actions
+  and rendering the same frames (1.0 = no overhead); with and without writing the .npz.
+- train: full training-loop samples/s (DataLoader, uint8 -> float, EMA, logging) vs the
+  model-only step on a batch already on the device.
+- data: dataset RAM vs the uint8 bytes of its frames; bytes per transition in RAM and on disk
+  vs the naive layout that stores obs and next_obs separately.
+"""
+
+import contextlib
+import csv
+import gc
+import io
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
+from minigrid_dataset import MiniGridTransitions, make_loaders
+from wm_common import FitSettings, choose_device, fit, run_cli, seed_everything, write_json
+from world_model_jepa import LOSS_TERMS, JEPAConfig, JEPAWorldModel
+
+
+@dataclass
+class BenchConfig:
+    out: str = field(default="bench.json", metadata={"help": "where to write the figures"})
+    env: str = field(default="MiniGrid-Empty-8x8-v0", metadata={"help": "MiniGrid env id"})
+    episodes: int = field(default=12, metadata={"help": "episodes per collection measurement"})
+    train_steps: int = field(default=80, metadata={"help": "optimiser steps per training measurement"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps", "choices": ["auto", "cpu", "cuda", "mps"]})
+    seed: int = field(default=0, metadata={"help": "seed"})
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_collect(cfg: BenchConfig, tmp: Path) -> dict:
+    ccfg = CollectConfig(env=cfg.env, episodes=cfg.episodes, seed=cfg.seed, actions="nav")
+    env, _ = make_env(ccfg.env, ccfg.obs, ccfg.image_size)
+    base = env.unwrapped
+
+    def bare() -> int:
+        steps = 0
+        for e in range(cfg.episodes):
+            rng = np.random.default_rng([cfg.seed, e])
+            env.reset(seed=cfg.seed + e)
+            for _ in range(base.max_steps):
+                steps += 1
+                _, _, term, trunc, _ = env.step(int(rng.choice((0, 1, 2))))
+                if term or trunc:
+                    break
+        return steps
+
+    bare()  # warm the tile cache both loops share
+    t = time.perf_counter()
+    steps = bare()
+    bare_rate = steps / (time.perf_counter() - t)
+    t = time.perf_counter()
+    episodes = [run_episode(env, e, ccfg, int(env.action_space.n), ccfg.image_size) for e in range(cfg.episodes)]
+    collect_rate = steps / (time.perf_counter() - t)
+    arrays = assemble(episodes, {"env": cfg.env})
+    t2 = time.perf_counter()
+    path = tmp / "bench.npz"
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    write_s = time.perf_counter() - t2
+    total_rate = steps / (time.perf_counter() - t)
+    env.close()
+    return {
+        "steps": steps,
+        "bare_env_steps_per_s": bare_rate,
+        "collector_steps_per_s": collect_rate,
+        "collector_with_write_steps_per_s": total_rate,
+        "bare_over_collector": bare_rate / collect_rate,
+        "bare_over_collector_with_write": bare_rate / total_rate,
+        "write_seconds": write_s,
+        "path": path,
+    }
+
+
+def bench_data(path: Path) -> dict:
+    gc.collect()
+    before = rss_bytes()
+    data = MiniGridTransitions(path)
+    ram = rss_bytes() - before
+    n = len(data)
+    naive = 2 * data.obs.nbytes
+    return {
+        "transitions": n,
+        "frame_uint8_bytes": data.frame_bytes,
+        "rss_increase_bytes": ram,
+        "ram_over_frame_bytes": ram / data.frame_bytes,
+        "ram_bytes_per_transition_over_naive": (data.frame_bytes / n) / (naive / n),
+        "disk_bytes_per_transition": path.stat().st_size / n,
+        "disk_over_naive_uncompressed": path.stat().st_size / naive,
+        "data": data,
+    }
+
+
+def bench_train(cfg: BenchConfig, data: MiniGridTransitions, tmp: Path) -> dict:
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = JEPAWorldModel(config=JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.arange(cfg.batch_size)
+    batch = data.__getitems__(idx.tolist())
+    obs, action, next_obs = (batch[k].to(device) for k in ("obs", "action", "next_obs"))
+
+    def model_step() -> None:
+        loss, _ = model.loss(obs, action, next_obs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_target()
+        loss.item()
+
+    for _ in range(5):
+        model_step()
+    t = time.perf_counter()
+    for _ in range(cfg.train_steps):
+        model_step()
+    model_rate = cfg.train_steps * cfg.batch_size / (time.perf_counter() - t)
+
+    train_loader, val_loader = make_loaders(data, batch_size=cfg.batch_size, val_fraction=0.1, seed=cfg.seed)
+    log_every = 20
+    epochs = max(1, -(-cfg.train_steps // len(train_loader)))
+    settings = FitSettings(
+        epochs=epochs, lr=1e-3, weight_decay=0.0, grad_clip=1.0, log_every=log_every, out_dir=tmp, resume=False, title="bench"
+    )
+    info = {"arch": "jepa_cnn", "model_config": model.model_config(), "train_config": {}, "data_meta": {}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit(
+            model=model,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            device=device,
+            settings=settings,
+            checkpoint_info=info,
+            term_names=LOSS_TERMS,
+        )
+    with (tmp / "metrics.csv").open() as f:
+        rates = [float(r["samples_per_s"]) for r in csv.DictReader(f) if r["phase"] == "train" and r["samples_per_s"]]
+    loop_rate = statistics.median(rates[1:] if len(rates) > 2 else rates)
+    return {
+        "device": str(device),
+        "batch_size": cfg.batch_size,
+        "model_only_samples_per_s": model_rate,
+        "training_loop_samples_per_s": loop_rate,
+        "model_only_over_loop": model_rate / loop_rate,
+    }
+
+
+def main(cfg: BenchConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        col = bench_collect(cfg, tmp)
+        dat = bench_data(col.pop("path"))
+        data = dat.pop("data")
+        tr = bench_train(cfg, data, tmp)
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "collect": col,
+        "data": dat,
+        "train_jepa_cnn": tr,
+    }
+    rows = [
+        (
+            "collect: bare env loop / collector (target <= 1.2)",
+            col["bare_over_collector"],
+            f"{col['bare_env_steps_per_s']:.0f} vs {col['collector_steps_per_s']:.0f} steps/s",
+        ),
+        (
+            "collect: bare / collector incl. writing .npz",
+            col["bare_over_collector_with_write"],
+            f"{col['collector_with_write_steps_per_s']:.0f} steps/s",
+        ),
+        (
+            "train: model-only / full loop (target <= 1.1)",
+            tr["model_only_over_loop"],
+            f"{tr['model_only_samples_per_s']:.0f} vs {tr['training_loop_samples_per_s']:.0f} samples/s",
+        ),
+        (
+            "data: RAM / uint8 frame bytes (target <= 1.1)",
+            dat["ram_over_frame_bytes"],
+            f"{dat['rss_increase_bytes'] / 1e6:.1f} MB vs {dat['frame_uint8_bytes'] / 1e6:.1f} MB",
+        ),
+        ("data: RAM per transition / naive obs+next_obs", dat["ram_bytes_per_transition_over_naive"], ""),
+        (
+            "data: disk per transition / naive uncompressed",
+            dat["disk_over_naive_uncompressed"],
+            f"{dat['disk_bytes_per_transition']:.0f} B per transition",
+        ),
+    ]
+    for name, ratio, detail in rows:
+        print(f"{name:<52} {ratio:7.3f}   {detail}")
+    write_json(cfg.out, result)
+    print(f"Saved {cfg.out}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, BenchConfig, description=__doc__.split("\n\n")[0])

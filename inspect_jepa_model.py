@@ -1,0 +1,391 @@
+"""Step 6: look inside trained world models.
+
+    python inspect_jepa_model.py --checkpoint checkpoints/jepa_cnn --data data/empty8.npz
+
+For each checkpoint, on episodes the model never trained on (the trainer's own split, rebuilt
+from the seed in the checkpoint): one-step prediction (normalised MSE, cosine of z_pred vs
+z_target), collapse (per-dim std, RankMe, warning), linear probes of agent cell, direction and
+goal cell against a random encoder and raw pixels, and open-loop rollouts against copying the
+last latent. Writes `eval.json`, `inspection.png` and, for several checkpoints, `compare.md`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minigrid_dataset import PROBE_KEYS, MiniGridTransitions, split_episodes
+from wm_common import (
+    atomic_write,
+    check_writable_dir,
+    choose_device,
+    collapse_warning,
+    effective_rank,
+    embedding_std,
+    fail,
+    load_checkpoint,
+    run_cli,
+    seed_everything,
+    write_json,
+)
+from world_model_jepa import JEPAConfig, JEPAWorldModel
+
+MODELS = {"jepa_cnn": (JEPAConfig, JEPAWorldModel)}
+HORIZONS = list(range(1, 11))
+
+
+@dataclass
+class InspectConfig:
+    checkpoint: list[str] = field(
+        default_factory=list, metadata={"help": "run directory or model.pt; repeat to compare models", "repeat": True}
+    )
+    data: str = field(default="", metadata={"help": "transitions .npz (default: the one the first checkpoint trained on)"})
+    out_dir: str = field(default="inspection", metadata={"help": "where eval.json, inspection.png (and compare.md) go"})
+    max_samples: int = field(default=4000, metadata={"help": "cap on transitions used per split (probes, latents)"})
+    batch_size: int = field(default=256, metadata={"help": "batch size for forward passes"})
+    device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
+    seed: int = field(default=0, metadata={"help": "seed for sub-sampling, the random-encoder baseline and probes"})
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    if ckpt["arch"] not in MODELS:
+        fail(f"checkpoint arch {ckpt['arch']!r} is not one this tool knows ({', '.join(MODELS)})")
+    config_cls, model_cls = MODELS[ckpt["arch"]]
+    model = model_cls(config=config_cls(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def in_batches(fn, *tensors: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    outs = [fn(*(t[i : i + batch_size].to(device) for t in tensors)).cpu() for i in range(0, len(tensors[0]), batch_size)]
+    return torch.cat(outs)
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> float:
+    """Accuracy on held-out data of a multinomial logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y_train)) < 2:
+        return float(np.mean(y_test == y_train[0]))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=1.0, random_state=seed))
+    clf.fit(x_train, y_train)
+    return float(clf.score(x_test, y_test))
+
+
+def probe_labels(data: MiniGridTransitions, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Class labels per probe target: a cell is one class (x*1000+y), a direction one of 4."""
+    out = {}
+    for key in PROBE_KEYS:
+        v = data.fields[key].numpy()[idx]
+        out[key] = v[:, 0] * 1000 + v[:, 1] if v.ndim == 2 else v
+    return out
+
+
+def probe_suite(feats_train: np.ndarray, feats_test: np.ndarray, lab_train: dict, lab_test: dict, seed: int) -> dict[str, float]:
+    res = {}
+    for key in PROBE_KEYS:
+        res[f"{key}_acc"] = linear_probe(feats_train, lab_train[key], feats_test, lab_test[key], seed)
+    return res
+
+
+def pixels(obs: torch.Tensor, size: int = 16) -> np.ndarray:
+    """Raw-pixel baseline features: frames area-downsampled to size x size."""
+    x = obs.permute(0, 3, 1, 2).float() / 255
+    if min(x.shape[-2:]) > size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x.flatten(1).numpy()
+
+
+def unit_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the L2-normalised rows of a and b."""
+    return (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def rollout_errors(
+    model,
+    z0: torch.Tensor,
+    z_next_tgt: torch.Tensor,
+    z_cur_tgt: torch.Tensor,
+    actions: torch.Tensor,
+    episode: np.ndarray,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Open-loop error at each horizon h: roll the predictor h steps from encode(obs_t) with the
+    logged actions and compare with encode_target(obs_t+h). Inputs are aligned on a run of
+    whole episodes (row i+1 follows row i inside an episode). Errors are squared distances
+    between unit latents divided by that of random pairs of target latents, so a collapsed
+    encoder scores ~1 (chance), not ~0. Copy baseline: encode_target(obs_t) for every h."""
+    n = len(z0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    chance = unit_sq_dist(z_next_tgt, z_next_tgt[perm]).clamp_min(1e-12)
+    starts = np.arange(n)
+    z = z0.to(device)
+    errors, copies, counts = [], [], []
+    for h in HORIZONS:
+        j = starts + h - 1
+        keep = j < n
+        keep[keep] &= episode[j[keep]] == episode[starts[keep]]
+        starts, z = starts[keep], z[torch.from_numpy(keep).to(device)]
+        counts.append(len(starts))
+        if len(starts) == 0:
+            errors.append(float("nan"))
+            copies.append(float("nan"))
+            continue
+        j = torch.from_numpy(starts + h - 1)
+        z = model.predict(z, actions[j].to(device))
+        target = z_next_tgt[j]
+        errors.append(float(unit_sq_dist(z.cpu(), target) / chance))
+        copies.append(float(unit_sq_dist(z_cur_tgt[torch.from_numpy(starts)], target) / chance))
+    return {
+        "horizons": HORIZONS,
+        "error": errors,
+        "copy_baseline_error": copies,
+        "num_starts": counts,
+        "normalisation": "squared distance of unit latents / that of random pairs (1 = chance)",
+    }
+
+
+def whole_episodes(idx: np.ndarray, episode: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Whole episodes from idx, in random order, until about k transitions: rollouts need every
+    step of an episode, so the held-out set is cut at episode boundaries."""
+    ids = rng.permutation(np.unique(episode[idx]))
+    sizes = np.array([np.sum(episode[idx] == e) for e in ids])
+    take = ids[: max(1, int(np.searchsorted(np.cumsum(sizes), k, side="right")))]
+    return idx[np.isin(episode[idx], take)]
+
+
+def subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(idx, size=k, replace=False)) if len(idx) > k else idx
+
+
+@torch.no_grad()
+def inspect_model(
+    name: str, ckpt: dict, data: MiniGridTransitions, same_data: bool, cfg: InspectConfig, device: torch.device
+) -> tuple[dict, dict]:
+    """Returns (report for eval.json, arrays for the figure)."""
+    model = model_from_checkpoint(ckpt).to(device)
+    obs_shape = list(ckpt["model_config"]["obs_shape"])
+    if list(data.frame_shape) != obs_shape:
+        fail(f"{name} takes frames {obs_shape} but {data.path} has {list(data.frame_shape)}; inspect it with data of that size")
+    tc = ckpt["train_config"]
+    train_idx, test_idx = split_episodes(data.episode, tc.get("val_fraction", 0.1), tc.get("seed", 0))
+    rng = np.random.default_rng(cfg.seed)
+    train_idx, test_idx = subsample(train_idx, cfg.max_samples, rng), whole_episodes(test_idx, data.episode, cfg.max_samples, rng)
+    bs = cfg.batch_size
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    obs_te, act_te, next_te = data.obs[te], data.fields["action"][te], data.next_obs(te)
+    z_te = in_batches(model.encode, obs_te, batch_size=bs, device=device)
+    z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
+    z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
+    z_cur_tgt = in_batches(model.encode_target, obs_te, batch_size=bs, device=device)
+    cos = F.cosine_similarity(z_pred, z_tgt, dim=-1)
+    std, rank = embedding_std(z_te), effective_rank(z_te)
+    dim = z_te.shape[1]
+    report: dict[str, Any] = {
+        "arch": ckpt["arch"],
+        "checkpoint_step": int(ckpt["step"]),
+        "checkpoint_epoch": int(ckpt["epoch"]),
+        "reg": ckpt["model_config"].get("reg"),
+        "latent_dim": dim,
+        "evaluated_on": "held-out episodes of the training data" if same_data else "another dataset (all episodes unseen in training)",
+        "num_eval_transitions": len(test_idx),
+        "pred_loss": float(unit_sq_dist(z_pred, z_tgt) / dim),
+        "pred_cosine": float(cos.mean()),
+        "embedding_std": std,
+        "embedding_std_uniform": 1 / math.sqrt(dim),
+        "effective_rank": rank,
+        "collapse_warning": collapse_warning(std, rank, dim),
+    }
+    conv = model.encoder.convs[0].weight.detach().cpu()
+    report["first_conv"] = {
+        "shape": list(conv.shape),
+        "mean": float(conv.mean()),
+        "std": float(conv.std()),
+        "min": float(conv.min()),
+        "max": float(conv.max()),
+    }
+    figure = {"z": z_te.numpy(), "cos": cos.numpy(), "conv": conv.numpy(), "spectrum": torch.linalg.svdvals(z_te).numpy()}
+    if all(k in data.fields for k in PROBE_KEYS):
+        lab_tr, lab_te = probe_labels(data, train_idx), probe_labels(data, test_idx)
+        z_tr = in_batches(model.encode, data.obs[tr], batch_size=bs, device=device)
+        report["probe"] = probe_suite(z_tr.numpy(), z_te.numpy(), lab_tr, lab_te, cfg.seed)
+        seed_everything(cfg.seed)
+        random_model = type(model)(config=model.config).to(device).eval()
+        r_tr = in_batches(random_model.encode, data.obs[tr], batch_size=bs, device=device)
+        r_te = in_batches(random_model.encode, obs_te, batch_size=bs, device=device)
+        report["baselines"] = {
+            "random_encoder": probe_suite(r_tr.numpy(), r_te.numpy(), lab_tr, lab_te, cfg.seed),
+            "pixels": probe_suite(pixels(data.obs[tr]), pixels(obs_te), lab_tr, lab_te, cfg.seed),
+            "majority_class": {f"{k}_acc": _majority(lab_tr[k], lab_te[k]) for k in PROBE_KEYS},
+        }
+        figure["agent_pos"] = data.fields["agent_pos"][te].numpy()
+    else:
+        report["probe"] = None
+        report["probe_note"] = "the data has no agent_pos/agent_dir/goal_pos: probes skipped"
+    report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
+    return report, figure
+
+
+def _majority(y_train: np.ndarray, y_test: np.ndarray) -> float:
+    values, counts = np.unique(y_train, return_counts=True)
+    return float(np.mean(y_test == values[counts.argmax()]))
+
+
+def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> None:
+    """One row per model: first-layer filters, PCA of latents coloured by agent cell, cosine of
+    z_pred vs z_target, probe accuracy vs baselines, rollout error vs horizon, spectrum."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(reports)
+    fig, axes = plt.subplots(rows, 6, figsize=(25, 4.2 * rows), squeeze=False)
+    for r, (name, rep) in enumerate(reports.items()):
+        fg, ax = figures[name], axes[r]
+        conv = fg["conv"]  # [out, in, k, k]
+        k = conv.shape[-1]
+        n_show = min(32, conv.shape[0])
+        cols = 8
+        grid = np.ones(((k + 1) * math.ceil(n_show / cols), (k + 1) * cols, 3))
+        for i in range(n_show):
+            w = conv[i, :3] if conv.shape[1] >= 3 else np.repeat(conv[i, :1], 3, axis=0)
+            w = (w - w.min()) / (w.max() - w.min() + 1e-8)
+            y0, x0 = (i // cols) * (k + 1), (i % cols) * (k + 1)
+            grid[y0 : y0 + k, x0 : x0 + k] = w.transpose(1, 2, 0)
+        ax[0].imshow(grid, interpolation="nearest")
+        ax[0].set(title=f"{name}: first conv filters", xticks=[], yticks=[])
+        z = fg["z"] - fg["z"].mean(0)
+        _, _, vt = np.linalg.svd(z, full_matrices=False)
+        p2 = z @ vt[:2].T
+        if "agent_pos" in fg:
+            pos = fg["agent_pos"]
+            sc = ax[1].scatter(p2[:, 0], p2[:, 1], c=pos[:, 0] * 100 + pos[:, 1], cmap="viridis", s=6)
+            ax[1].set_title("latents, PCA (colour: agent x*100+y)")
+            fig.colorbar(sc, ax=ax[1], fraction=0.04)
+        else:
+            ax[1].scatter(p2[:, 0], p2[:, 1], s=6)
+            ax[1].set_title("latents, PCA")
+        ax[2].hist(fg["cos"], bins=40, range=(-1, 1), color="tab:blue")
+        ax[2].set(title=f"cos(z_pred, z_target): mean {rep['pred_cosine']:.3f}", xlabel="cosine")
+        if rep.get("probe"):
+            keys = list(rep["probe"])
+            groups = {
+                "model": rep["probe"],
+                "random encoder": rep["baselines"]["random_encoder"],
+                "pixels 16x16": rep["baselines"]["pixels"],
+                "majority class": rep["baselines"]["majority_class"],
+            }
+            width = 0.8 / len(groups)
+            for j, (label, vals) in enumerate(groups.items()):
+                ax[3].bar(np.arange(len(keys)) + j * width, [vals[k] for k in keys], width, label=label)
+            ax[3].set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_acc", "") for k in keys])
+            ax[3].set(title="linear probes, held-out episodes", ylim=(0, 1.05), ylabel="accuracy")
+            ax[3].legend(fontsize=7)
+        else:
+            ax[3].text(0.5, 0.5, "no probe labels in data", ha="center")
+            ax[3].set_axis_off()
+        ro = rep["rollout"]
+        ax[4].plot(ro["horizons"], ro["error"], "o-", label="model rollout")
+        ax[4].plot(ro["horizons"], ro["copy_baseline_error"], "s--", label="copy last latent")
+        ax[4].axhline(1.0, color="grey", ls=":", label="chance")
+        ax[4].set(title="open-loop latent error (1 = chance)", xlabel="horizon (steps)", ylim=(0, None))
+        ax[4].legend(fontsize=7)
+        s = fg["spectrum"]
+        ax[5].semilogy(np.arange(1, len(s) + 1), s / s.max(), ".-")
+        warn = "  COLLAPSED" if rep["collapse_warning"] else ""
+        ax[5].set(title=f"singular values; RankMe {rep['effective_rank']:.1f}/{rep['latent_dim']}{warn}", xlabel="index")
+    fig.tight_layout()
+    atomic_write(out_png, lambda p: fig.savefig(p, dpi=80, format="png"))
+    plt.close(fig)
+
+
+def table(reports: dict[str, dict]) -> str:
+    head = "| model | arch | pred loss | pred cos | latent std | RankMe | collapsed | agent cell | dir | goal | rollout@1 | @5 | @10 | copy@5 |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in reports.items():
+        p = r.get("probe") or {}
+        ro = dict(zip(r["rollout"]["horizons"], r["rollout"]["error"], strict=True))
+        cp = dict(zip(r["rollout"]["horizons"], r["rollout"]["copy_baseline_error"], strict=True))
+        cells = [
+            name,
+            r["arch"],
+            f"{r['pred_loss']:.2e}",
+            f"{r['pred_cosine']:.3f}",
+            f"{r['embedding_std']:.4f}",
+            f"{r['effective_rank']:.1f}",
+            "yes" if r["collapse_warning"] else "no",
+            *(f"{p[k]:.2f}" if k in p else "-" for k in ("agent_pos_acc", "agent_dir_acc", "goal_pos_acc")),
+            f"{ro[1]:.3f}",
+            f"{ro[5]:.3f}",
+            f"{ro[10]:.3f}",
+            f"{cp[5]:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: InspectConfig) -> dict[str, Any]:
+    if not cfg.checkpoint:
+        fail("give at least one --checkpoint (a run directory such as checkpoints/jepa_cnn, or its model.pt)")
+    ckpts = {}
+    for path in cfg.checkpoint:
+        ckpt = load_checkpoint(path)
+        name = Path(path).name if Path(path).is_dir() else Path(path).parent.name
+        while name in ckpts:
+            name += "'"
+        ckpts[name] = ckpt
+    first = next(iter(ckpts.values()))
+    data_path = cfg.data or first["data_meta"].get("path", "")
+    if not data_path:
+        fail("the checkpoint does not record its data; pass --data")
+    data = MiniGridTransitions(data_path)
+    device = choose_device(cfg.device)
+    out = check_writable_dir(cfg.out_dir, "--out-dir")
+    reports, figures = {}, {}
+    for name, ckpt in ckpts.items():
+        trained_on = ckpt["data_meta"].get("path", "")
+        same = trained_on and Path(trained_on).resolve() == Path(data_path).resolve()
+        print(f"Inspecting {name} ({ckpt['arch']}, step {ckpt['step']}) on {data_path}")
+        reports[name], figures[name] = inspect_model(name, ckpt, data, bool(same), cfg, device)
+        r = reports[name]
+        print(f"  latent size {r['latent_dim']} | z_pred vs z_target: MSE {r['pred_loss']:.2e}, cosine {r['pred_cosine']:.4f}")
+        c = r["first_conv"]
+        print(f"  first conv {c['shape']}: mean {c['mean']:+.4f} std {c['std']:.4f} min {c['min']:+.3f} max {c['max']:+.3f}")
+        print(
+            f"  latents: per-dim std {r['embedding_std']:.4f} (uniform {r['embedding_std_uniform']:.4f}), RankMe {r['effective_rank']:.1f}"
+        )
+        if r["collapse_warning"]:
+            print("  WARNING: collapsed latents: the low prediction loss is meaningless (train with --reg vicreg)")
+    result = {
+        "data": {
+            "path": str(data_path),
+            "env": data.meta.get("env"),
+            "obs_mode": data.meta.get("obs_mode"),
+            "transitions": len(data),
+            "notes": data.notes,
+        },
+        "models": reports,
+    }
+    write_json(out / "eval.json", result)
+    draw(reports, figures, out / "inspection.png")
+    text = table(reports)
+    print(text)
+    written = [out / "eval.json", out / "inspection.png"]
+    if len(reports) > 1:
+        atomic_write(out / "compare.md", lambda p: p.write_text(f"# Comparison on {data_path}\n\n{text}\n"))
+        written.append(out / "compare.md")
+    print("Saved " + ", ".join(map(str, written)))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, InspectConfig, description=__doc__.split("\n\n")[0])
