@@ -160,8 +160,8 @@ def main(cfg: CollectConfig) -> Path:
     out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")
     if out.suffix != ".npz":
         fail(f"--out {out} must end in .npz")
-    check_writable_dir(out.parent, "output directory")
     env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
+    check_writable_dir(out.parent, "output directory")
     n_actions = int(env.action_space.n)
     episodes: list[dict[str, np.ndarray]] = []
     interrupted, total = False, 0

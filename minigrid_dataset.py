@@ -48,6 +48,8 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             meta = json.loads(str(arrays.pop("meta")))
         except json.JSONDecodeError:
             fail(f"{path} has a 'meta' entry that is not JSON; re-run collect_minigrid_data.py")
+    if not isinstance(meta, dict):
+        fail(f"{path} has a 'meta' entry that is not a JSON object; re-run collect_minigrid_data.py")
     missing = [k for k in ("obs", "action", "reward", "done") if k not in arrays]
     if "next_obs" not in arrays and not {"next_obs_index", "terminal_obs"} <= arrays.keys():
         missing.append("next_obs (or next_obs_index + terminal_obs)")
@@ -56,11 +58,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             f"{path} lacks keys {', '.join(missing)} (has {', '.join(sorted(arrays))}); is it a transitions file from collect_minigrid_data.py?"
         )
     obs = arrays["obs"]
+    if obs.dtype != np.uint8 or obs.ndim != 4:
+        fail(f"{path}: 'obs' must be uint8 frames [N,H,W,C], got {obs.dtype} {list(obs.shape)}")
     n = len(obs)
     if n == 0:
         fail(f"{path} holds no transitions; collect at least one episode")
-    if obs.dtype != np.uint8 or obs.ndim != 4:
-        fail(f"{path}: 'obs' must be uint8 frames [N,H,W,C], got {obs.dtype} {list(obs.shape)}")
     if "next_obs" in arrays:
         # Seed 003's layout: next_obs stored in full. Index it like the compact layout.
         nxt = arrays.pop("next_obs")

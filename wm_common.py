@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import types
@@ -31,6 +32,12 @@ class UserError(Exception):
 
 def fail(message: str) -> typing.NoReturn:
     raise UserError(message)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # One line, like every other user error, instead of argparse's usage block.
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
@@ -57,7 +64,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if optional:
             return None
         fail(f"config key '{name}' cannot be empty")
-    base = typing.get_args(tp)[0] if optional else tp
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+    if base in (int, float) and isinstance(value, str):
+        # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            fail(f"config key '{name}' must be a number, got {value!r}")
     if typing.get_origin(base) in (list, tuple):
         if not isinstance(value, list):
             fail(f"config key '{name}' must be a list, got {value!r}")
@@ -83,7 +96,7 @@ def parse_config(
     fields from the file (keys are field names or `aliases`, e.g. seed 000's names); flags given
     on the command line override the file; an unknown key is an error, never ignored."""
     hints = typing.get_type_hints(cfg_cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cfg_cls):
         meta = dict(f.metadata)
         flag = f.name if meta.get("positional") else "--" + f.name.replace("_", "-")
@@ -127,7 +140,8 @@ def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str]) -> dict[
     if not isinstance(raw, dict):
         fail(f"config file {path} must be a mapping of key: value")
     hints = typing.get_type_hints(cfg_cls)
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    names = set(fields)
     out: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
@@ -136,6 +150,9 @@ def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str]) -> dict[
             unknown.append(key)
             continue
         out[name] = _coerce(key, value, hints[name])
+        choices = fields[name].metadata.get("choices")
+        if choices and out[name] not in choices:
+            fail(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
     if unknown:
         fail(
             f"config file {path} has unknown keys {', '.join(map(str, unknown))}; valid keys: "
@@ -224,7 +241,8 @@ CHECKPOINT_KEYS = ("model", "model_config", "train_config", "step", "epoch", "op
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     missing = [k for k in CHECKPOINT_KEYS if k not in payload]
-    assert not missing, f"checkpoint payload lacks {missing}"
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {missing}")
     return atomic_write(path, lambda p: torch.save(payload, p))
 
 
@@ -445,6 +463,8 @@ def fit(
     step, start_epoch = 0, 0
     if resume_from is not None:
         opt.load_state_dict(resume_from["optimizer"])
+        for group in opt.param_groups:  # the optimiser state keeps its moments; the flags set lr and decay
+            group.update(lr=settings.lr, weight_decay=settings.weight_decay)
         step, start_epoch = int(resume_from["step"]), int(resume_from["epoch"])
     latent_dim = getattr(model, "latent_dim", None)
     fields = ["step", "epoch", "phase", "loss", *term_names, "embedding_std", "effective_rank", "samples_per_s", "time_s"]
@@ -613,6 +633,14 @@ def run_training(
         f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val) | "
         f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
     )
+    if ckpt_path.exists() and not cfg.resume:
+        # --overwrite: keep the earlier run whole beside the new one until the user deletes it,
+        # so a new run that fails never leaves a mix of old and new files.
+        backup = out.with_name(out.name + ".prev")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(out, backup)
+        print(f"Moved the earlier run in {out} to {backup}")
     check_writable_dir(out, "--out-dir")
     train_config = to_jsonable(cfg)
     write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})

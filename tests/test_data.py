@@ -1,0 +1,600 @@
+"""The collector's file format (design.md), checked against a hand replay of the env, and the
+dataset: memory layout, batching, splits, legacy files and bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, collect, load_npz, write_npz
+
+from collect_minigrid_data import CollectConfig, resize_frames
+from collect_minigrid_data import main as collect_main
+from minigrid_dataset import EpochBatchSampler, MiniGridTransitions, load_arrays, make_loaders, split_episodes, summary
+from wm_common import UserError
+
+
+def replay_env(env_id: str, obs_mode: str, tile: int):
+    """The env built by hand (not through the collector's make_env)."""
+    import gymnasium as gym
+    import minigrid  # noqa: F401
+    from minigrid.wrappers import ImgObsWrapper, RGBImgObsWrapper, RGBImgPartialObsWrapper
+
+    env = gym.make(env_id)
+    if obs_mode == "rgb":
+        env = RGBImgObsWrapper(env, tile_size=tile)
+    elif obs_mode == "rgb_partial":
+        env = RGBImgPartialObsWrapper(env, tile_size=tile)
+    return ImgObsWrapper(env)
+
+
+def goal_cells(base) -> list[tuple[int, int]]:
+    return [
+        (x, y)
+        for x in range(base.width)
+        for y in range(base.height)
+        if base.grid.get(x, y) is not None and base.grid.get(x, y).type == "goal"
+    ]
+
+
+def check_against_replay(path, *, env_id, obs_mode, tile, image_size=None, seed=0):
+    """Re-runs every episode with reset(seed=seed+e) and the file's actions; frames, positions,
+    directions, goal, rewards, terminations and the terminal frame must all match."""
+    arrays = load_npz(path)
+    data = MiniGridTransitions(path)
+    env = replay_env(env_id, obs_mode, tile)
+    base = env.unwrapped
+
+    def frame(o):
+        if image_size is None:
+            return o
+        return resize_frames(o[None], image_size)[0]
+
+    try:
+        for e in np.unique(arrays["episode"]):
+            rows = np.flatnonzero(arrays["episode"] == e)
+            assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)), "episode rows must be contiguous"
+            o, _ = env.reset(seed=seed + int(e))
+            goals = goal_cells(base)
+            expected_goal = goals[0] if goals else (-1, -1)
+            for i in rows:
+                np.testing.assert_array_equal(arrays["obs"][i], frame(o))
+                assert tuple(arrays["agent_pos"][i]) == tuple(int(v) for v in base.agent_pos)
+                assert arrays["agent_dir"][i] == base.agent_dir
+                assert tuple(arrays["goal_pos"][i]) == expected_goal
+                o, r, terminated, truncated, _ = env.step(int(arrays["action"][i]))
+                assert arrays["reward"][i] == np.float32(r)
+                assert arrays["terminated"][i] == terminated
+                # obs_t+1 as the dataset rebuilds it equals the env's next frame (the terminal
+                # frame at the episode's end)
+                np.testing.assert_array_equal(data.next_obs(torch.tensor([i]))[0].numpy(), frame(o))
+            assert arrays["done"][rows[-1]] and not arrays["done"][rows[:-1]].any()
+    finally:
+        env.close()
+
+
+# ----------------------------------------------------------------------------- collector format
+
+
+def test_collector_keys_dtypes_shapes(tiny_arrays):
+    a = tiny_arrays
+    n = len(a["action"])
+    n_ep = TINY["episodes"]
+    assert n > 0
+    expected = {
+        "obs": (np.uint8, (n, 32, 32, 3)),
+        "action": (np.int64, (n,)),
+        "reward": (np.float32, (n,)),
+        "done": (np.bool_, (n,)),
+        "episode": (np.int64, (n,)),
+        "step": (np.int64, (n,)),
+        "agent_pos": (np.int64, (n, 2)),
+        "agent_dir": (np.int64, (n,)),
+        "goal_pos": (np.int64, (n, 2)),
+        "next_obs_index": (np.int64, (n,)),
+        "terminal_obs": (np.uint8, (n_ep, 32, 32, 3)),
+    }
+    for key, (dtype, shape) in expected.items():
+        assert key in a, key
+        assert a[key].dtype == dtype, (key, a[key].dtype)
+        assert a[key].shape == shape, (key, a[key].shape)
+    assert sorted(np.unique(a["episode"]).tolist()) == list(range(n_ep))
+    assert (np.bincount(a["episode"]) <= TINY["max_steps"]).all()
+    # step counts 0.. within each episode; done exactly at each episode's last row
+    for e in range(n_ep):
+        rows = a["episode"] == e
+        assert a["step"][rows].tolist() == list(range(rows.sum()))
+    assert a["done"].sum() == n_ep
+    assert a["done"][-1]
+    assert ((a["action"] >= 0) & (a["action"] < 7)).all()
+    assert ((a["agent_dir"] >= 0) & (a["agent_dir"] < 4)).all()
+    assert (a["goal_pos"] == [6, 6]).all()  # Empty-8x8's goal sits in the bottom-right corner
+
+
+def test_collector_meta(tiny_arrays):
+    meta = json.loads(str(tiny_arrays["meta"]))
+    assert meta["env"] == "MiniGrid-Empty-8x8-v0"
+    assert meta["seed"] == 0
+    assert meta["episodes"] == TINY["episodes"]
+    assert meta["obs_mode"] == "rgb"
+    assert meta["image_shape"] == [32, 32, 3]
+    assert meta["action_space"] == {"type": "discrete", "n": 7}
+    assert meta["max_steps"] == 40
+    assert isinstance(meta["collector_version"], int)
+    assert meta["date"]
+    assert meta["config"]["image_size"] == 32
+
+
+def test_next_obs_is_next_frame_within_episode_and_terminal_at_end(tiny_npz, tiny_arrays):
+    data = MiniGridTransitions(tiny_npz)
+    ep = tiny_arrays["episode"]
+    n = len(ep)
+    nxt = data.next_obs(torch.arange(n)).numpy()
+    assert nxt.dtype == np.uint8 and nxt.shape == tiny_arrays["obs"].shape
+    same = np.flatnonzero(ep[:-1] == ep[1:])
+    np.testing.assert_array_equal(nxt[same], tiny_arrays["obs"][same + 1])
+    ends = np.flatnonzero(tiny_arrays["done"])
+    np.testing.assert_array_equal(nxt[ends], tiny_arrays["terminal_obs"])
+    # the agent moves in a random walk: not every next frame is a copy of the current one
+    assert (nxt != tiny_arrays["obs"]).any(axis=(1, 2, 3)).sum() > n // 10
+
+
+def test_rgb_matches_a_hand_replay_of_the_env(tiny_npz):
+    # 32 px on an 8x8 grid is tile 4 exactly: frames are the env's own, no resize
+    check_against_replay(tiny_npz, env_id="MiniGrid-Empty-8x8-v0", obs_mode="rgb", tile=4)
+
+
+def test_symbolic_mode_matches_replay_with_random_goal_and_start(tmp_path):
+    path = collect(tmp_path / "four.npz", env="MiniGrid-FourRooms-v0", episodes=3, max_steps=15, obs="symbolic", seed=5)
+    a = load_npz(path)
+    assert a["obs"].dtype == np.uint8 and a["obs"].shape[1:] == (7, 7, 3)
+    assert json.loads(str(a["meta"]))["obs_mode"] == "symbolic"
+    # FourRooms places agent and goal at random: the seeds must actually vary them
+    assert len({tuple(a["goal_pos"][a["episode"] == e][0]) for e in range(3)}) > 1
+    check_against_replay(path, env_id="MiniGrid-FourRooms-v0", obs_mode="symbolic", tile=0, seed=5)
+
+
+def test_rgb_partial_mode_matches_replay(tmp_path):
+    path = collect(tmp_path / "partial.npz", episodes=2, max_steps=12, obs="rgb_partial")
+    a = load_npz(path)
+    assert a["obs"].dtype == np.uint8 and a["obs"].shape[1:] == (32, 32, 3)
+    assert json.loads(str(a["meta"]))["obs_mode"] == "rgb_partial"
+    # tile ceil(32/7) = 5 -> 35 px, area-resized to 32
+    check_against_replay(path, env_id="MiniGrid-Empty-8x8-v0", obs_mode="rgb_partial", tile=5, image_size=32)
+
+
+def test_rgb_resized_frames_have_requested_size(tmp_path):
+    path = collect(tmp_path / "r.npz", episodes=1, max_steps=5, image_size=56)
+    a = load_npz(path)
+    assert a["obs"].shape[1:] == (56, 56, 3) and a["terminal_obs"].shape[1:] == (56, 56, 3)
+
+
+def test_env_without_goal_has_minus_one_goal_pos(tmp_path):
+    path = collect(tmp_path / "fetch.npz", env="MiniGrid-Fetch-5x5-N2-v0", episodes=2, max_steps=5, obs="symbolic")
+    assert (load_npz(path)["goal_pos"] == -1).all()
+
+
+def test_nav_actions_only_left_right_forward(tmp_path):
+    path = collect(tmp_path / "nav.npz", episodes=4, max_steps=30, actions="nav")
+    a = load_npz(path)
+    assert set(np.unique(a["action"]).tolist()) == {0, 1, 2}
+
+
+def test_same_seed_identical_different_seed_different(tmp_path):
+    p1 = collect(tmp_path / "a.npz", episodes=3, max_steps=20, seed=7)
+    p2 = collect(tmp_path / "b.npz", episodes=3, max_steps=20, seed=7)
+    p3 = collect(tmp_path / "c.npz", episodes=3, max_steps=20, seed=8)
+    a, b, c = load_npz(p1), load_npz(p2), load_npz(p3)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "meta":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ma, mb = json.loads(str(a["meta"])), json.loads(str(b["meta"]))
+    for m in (ma, mb):
+        m.pop("date"), m["config"].pop("out")
+    assert ma == mb
+    assert not (len(a["action"]) == len(c["action"]) and np.array_equal(a["action"], c["action"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"episodes": 0}, "--episodes"),
+        ({"max_steps": 0}, "--max-steps"),
+        ({"image_size": 4}, "--image-size"),
+        ({"env": "MiniGrid-Nope-v0"}, "unknown env id"),
+        ({"env": "CartPole-v1"}, "not a MiniGrid env"),
+    ],
+)
+def test_collector_bad_config_is_user_error(tmp_path, overrides, match):
+    with pytest.raises(UserError, match=match):
+        collect(tmp_path / "x.npz", **overrides)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_collector_out_must_be_npz(tmp_path):
+    with pytest.raises(UserError, match=".npz"):
+        collect_main(CollectConfig(out=str(tmp_path / "x.npy"), episodes=1, max_steps=2))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def test_frames_stay_uint8_without_float_copy(tiny_npz, tiny_arrays):
+    data = MiniGridTransitions(tiny_npz)
+    n, n_ep = len(tiny_arrays["action"]), TINY["episodes"]
+    frame = 32 * 32 * 3
+    assert data.obs.dtype == torch.uint8 and data.terminal_obs.dtype == torch.uint8
+    # each frame stored once: N obs + one terminal frame per episode, one byte per value
+    assert data.frame_bytes == data.obs.nbytes + data.terminal_obs.nbytes == (n + n_ep) * frame
+    assert data.frame_bytes < 2 * n * frame
+    # nothing frame-sized is held as float anywhere on the dataset
+    for name, value in vars(data).items():
+        tensors = value.values() if isinstance(value, dict) else [value]
+        for t in tensors:
+            if isinstance(t, (torch.Tensor, np.ndarray)) and t.dtype in (torch.float32, torch.float64, np.float32, np.float64):
+                assert t.nbytes < n * frame // 4, f"{name} holds a large float copy"
+    # obs is a view on one buffer, not a per-item copy
+    assert data.obs.is_contiguous() and data.obs.untyped_storage().nbytes() == data.obs.nbytes
+    batch = data.__getitems__(list(range(10)))
+    assert batch["obs"].dtype == torch.uint8 and batch["next_obs"].dtype == torch.uint8
+    assert batch["obs"].shape == (10, 32, 32, 3)
+
+
+def test_getitems_equals_stacked_getitem(tiny_npz, tiny_arrays):
+    data = MiniGridTransitions(tiny_npz)
+    ends = np.flatnonzero(tiny_arrays["done"]).tolist()
+    idx = [0, 1, 5, *ends, len(data) - 1, 3]
+    batch = data.__getitems__(idx)
+    items = [data[i] for i in idx]
+    assert set(batch) == set(items[0])
+    for k in batch:
+        assert torch.equal(batch[k], torch.stack([it[k] for it in items])), k
+    assert {"obs", "next_obs", "action", "reward", "done", "episode", "agent_pos", "agent_dir", "goal_pos"} <= set(batch)
+    assert data.num_actions == 7 and data.frame_shape == (32, 32, 3)
+    assert data.notes == []
+
+
+def test_split_episodes_disjoint_and_deterministic(tiny_arrays):
+    ep = tiny_arrays["episode"]
+    train, val = split_episodes(ep, 0.3, seed=1)
+    assert len(train) and len(val)
+    assert set(ep[train]).isdisjoint(ep[val])
+    assert len(train) + len(val) == len(ep)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(ep)))
+    t2, v2 = split_episodes(ep, 0.3, seed=1)
+    assert np.array_equal(train, t2) and np.array_equal(val, v2)
+    # a different seed gives some different split over a few tries
+    splits = {tuple(sorted(set(ep[split_episodes(ep, 0.3, seed=s)[1]]))) for s in range(8)}
+    assert len(splits) > 1
+
+
+def test_split_episodes_extremes():
+    ep = np.repeat(np.arange(3), 4)
+    for frac in (0.01, 0.99):
+        train, val = split_episodes(ep, frac, seed=0)
+        assert len(np.unique(ep[train])) >= 1 and len(np.unique(ep[val])) >= 1
+    for frac in (0.0, 1.0, -0.1):
+        with pytest.raises(UserError, match="val-fraction"):
+            split_episodes(ep, frac, seed=0)
+
+
+def test_split_single_episode_is_user_error():
+    with pytest.raises(UserError, match="at least 2"):
+        split_episodes(np.zeros(50, np.int64), 0.1, seed=0)
+
+
+def test_epoch_batch_sampler_orders():
+    idx = np.arange(100, 200)
+    s = EpochBatchSampler(idx, 16, shuffle=True, seed=3, drop_last=True)
+    assert len(s) == 6
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e0 != e1
+    assert all(len(b) == 16 for b in e0 + e1)
+    assert len(e0) == 6
+    for order in (e0, e1):
+        flat = [i for b in order for i in b]
+        assert len(set(flat)) == len(flat) == 96 and set(flat) <= set(idx.tolist())
+    # the order depends only on (seed, epoch)
+    s2 = EpochBatchSampler(idx, 16, shuffle=True, seed=3, drop_last=True)
+    s2.set_epoch(1)
+    assert list(s2) == e1
+    s2.set_epoch(0)
+    assert list(s2) == e0
+    s3 = EpochBatchSampler(idx, 16, shuffle=True, seed=4, drop_last=True)
+    assert list(s3) != e0
+
+
+def test_epoch_batch_sampler_no_shuffle_keeps_everything_in_order():
+    idx = np.arange(10, 60)
+    s = EpochBatchSampler(idx, 16, shuffle=False, seed=0, drop_last=False)
+    assert len(s) == 4
+    batches = list(s)
+    assert [len(b) for b in batches] == [16, 16, 16, 2]
+    assert [i for b in batches for i in b] == idx.tolist()
+
+
+def test_make_loaders_batches(tiny_npz):
+    data = MiniGridTransitions(tiny_npz)
+    train, val = make_loaders(data, batch_size=16, val_fraction=0.2, seed=0)
+    train_idx, val_idx = train.batch_sampler.indices, val.batch_sampler.indices
+    assert set(data.episode[train_idx]).isdisjoint(data.episode[val_idx])
+    train.batch_sampler.set_epoch(0)
+    batches = list(train)
+    assert len(batches) == len(train_idx) // 16
+    for b in batches:
+        assert b["obs"].shape == (16, 32, 32, 3) and b["obs"].dtype == torch.uint8
+        assert b["next_obs"].dtype == torch.uint8 and b["action"].dtype == torch.int64
+    seen = sum(len(b["obs"]) for b in val)
+    assert seen == len(val_idx)
+
+
+def test_make_loaders_train_split_smaller_than_batch_is_user_error(tiny_npz):
+    data = MiniGridTransitions(tiny_npz)
+    with pytest.raises(UserError, match="fewer than --batch-size"):
+        make_loaders(data, batch_size=len(data), val_fraction=0.2, seed=0)
+    with pytest.raises(UserError, match="--batch-size"):
+        make_loaders(data, batch_size=0)
+
+
+def test_summary_text(tiny_npz, tiny_arrays):
+    text = summary(MiniGridTransitions(tiny_npz))
+    assert f"transitions   {len(tiny_arrays['action'])}" in text
+    assert f"episodes      {TINY['episodes']}" in text
+    assert "actions       0:" in text
+    assert "MiniGrid-Empty-8x8-v0" in text
+
+
+# ----------------------------------------------------------------------------- legacy files
+
+
+def test_legacy_seed003_file_loads(tmp_path, tiny_npz, tiny_arrays):
+    data = MiniGridTransitions(tiny_npz)
+    n = len(data)
+    nxt = data.next_obs(torch.arange(n)).numpy()
+    legacy = write_npz(
+        tmp_path / "legacy.npz",
+        obs=tiny_arrays["obs"],
+        actions=tiny_arrays["action"],
+        next_obs=nxt,
+        rewards=tiny_arrays["reward"],
+        dones=tiny_arrays["done"],
+    )
+    old = MiniGridTransitions(legacy)
+    assert len(old) == n
+    assert np.array_equal(old.episode, tiny_arrays["episode"])  # recovered from dones
+    assert torch.equal(old.next_obs(torch.arange(n)), torch.from_numpy(nxt))
+    assert torch.equal(old.fields["action"], torch.from_numpy(tiny_arrays["action"]))
+    assert old.obs.dtype == torch.uint8
+    notes = " ".join(old.notes)
+    assert "metadata for probes is missing" in notes
+    assert "episodes recovered from 'done'" in notes
+    assert old.num_actions == int(tiny_arrays["action"].max()) + 1
+    batch = old.__getitems__([0, n - 1])
+    assert batch["obs"].shape == (2, 32, 32, 3)
+    # split and loaders work on it
+    train, val = make_loaders(old, batch_size=16, val_fraction=0.2, seed=0)
+    assert set(old.episode[train.batch_sampler.indices]).isdisjoint(old.episode[val.batch_sampler.indices])
+
+
+def test_legacy_int32_actions_and_float_dones(tmp_path):
+    obs = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    p = write_npz(
+        tmp_path / "legacy.npz",
+        obs=obs,
+        actions=np.array([0, 1, 2, 0, 1, 2], np.int32),
+        next_obs=obs[::-1].copy(),
+        rewards=np.zeros(6, np.float64),
+        dones=np.array([0, 0, 1, 0, 0, 1], np.float32),
+    )
+    data = MiniGridTransitions(p)
+    assert data.fields["action"].dtype == torch.int64
+    assert data.fields["reward"].dtype == torch.float32
+    assert data.fields["done"].dtype == torch.bool
+    assert data.episode.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        MiniGridTransitions(tmp_path / "nope.npz")
+
+
+def test_truncated_file(tmp_path, tiny_npz):
+    raw = tiny_npz.read_bytes()
+    p = tmp_path / "trunc.npz"
+    for cut in (len(raw) // 2, len(raw) - 100, 40):
+        p.write_bytes(raw[:cut])
+        with pytest.raises(UserError, match=str(p)):
+            MiniGridTransitions(p)
+
+
+def test_random_bytes(tmp_path):
+    p = tmp_path / "rand.npz"
+    p.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(UserError, match="re-run collect_minigrid_data.py"):
+        MiniGridTransitions(p)
+    p.write_bytes(b"")
+    with pytest.raises(UserError):
+        MiniGridTransitions(p)
+
+
+def test_random_bytes_inside_a_zip_member(tmp_path, tiny_npz):
+    # a real zip whose compressed member is damaged (bytes flipped in the middle of the file)
+    raw = bytearray(tiny_npz.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(64)
+    p = tmp_path / "flipped.npz"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(UserError):
+        MiniGridTransitions(p)
+
+
+def _bad(tmp_path, arrays, **changes):
+    arrays = dict(arrays)
+    for k, v in changes.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    return write_npz(tmp_path / "bad.npz", **arrays)
+
+
+@pytest.mark.parametrize("key", ["obs", "action", "reward", "done"])
+def test_missing_keys(tmp_path, valid_arrays, key):
+    p = _bad(tmp_path, valid_arrays, **{key: None})
+    with pytest.raises(UserError, match=f"lacks keys {key}"):
+        MiniGridTransitions(p)
+
+
+def test_missing_next_obs(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, next_obs_index=None)
+    with pytest.raises(UserError, match="next_obs"):
+        MiniGridTransitions(p)
+
+
+def test_not_a_transitions_file(tmp_path):
+    p = write_npz(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(UserError, match="lacks keys"):
+        MiniGridTransitions(p)
+
+
+def test_obs_float_dtype(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, obs=valid_arrays["obs"].astype(np.float32) / 255)
+    with pytest.raises(UserError, match="'obs' must be uint8"):
+        MiniGridTransitions(p)
+
+
+def test_obs_wrong_ndim(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, obs=valid_arrays["obs"][..., 0])
+    with pytest.raises(UserError, match=r"'obs' must be uint8 frames \[N,H,W,C\]"):
+        MiniGridTransitions(p)
+
+
+def test_obs_scalar(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, obs=np.array(3, np.uint8))
+    with pytest.raises(UserError):
+        MiniGridTransitions(p)
+
+
+def test_terminal_obs_wrong_shape(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, terminal_obs=valid_arrays["terminal_obs"][:, :16])
+    with pytest.raises(UserError, match="terminal_obs"):
+        MiniGridTransitions(p)
+
+
+def test_legacy_next_obs_wrong_shape(tmp_path, valid_arrays):
+    arrays = {k: valid_arrays[k] for k in ("obs", "action", "reward", "done")}
+    p = write_npz(tmp_path / "bad.npz", next_obs=valid_arrays["obs"][:-1], **arrays)
+    with pytest.raises(UserError, match="'next_obs' must match 'obs'"):
+        MiniGridTransitions(p)
+
+
+def test_action_length_mismatch(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, action=valid_arrays["action"][:-3])
+    with pytest.raises(UserError, match="'action' has"):
+        MiniGridTransitions(p)
+
+
+def test_reward_length_mismatch(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, reward=valid_arrays["reward"][:-1])
+    with pytest.raises(UserError, match="'reward' must have shape"):
+        MiniGridTransitions(p)
+
+
+def test_float_discrete_actions(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, action=valid_arrays["action"].astype(np.float32))
+    with pytest.raises(UserError, match="must be integers"):
+        MiniGridTransitions(p)
+
+
+@pytest.mark.parametrize("bad_value", [7, 100, -1])
+def test_actions_outside_recorded_action_space(tmp_path, valid_arrays, bad_value):
+    action = valid_arrays["action"].copy()
+    action[5] = bad_value
+    p = _bad(tmp_path, valid_arrays, action=action)
+    with pytest.raises(UserError, match="outside the recorded action space"):
+        MiniGridTransitions(p)
+
+
+@pytest.mark.parametrize("where", ["past_end", "negative"])
+def test_next_obs_index_out_of_range(tmp_path, valid_arrays, where):
+    idx = valid_arrays["next_obs_index"].copy()
+    n_frames = len(valid_arrays["obs"]) + len(valid_arrays["terminal_obs"])
+    idx[3] = n_frames if where == "past_end" else -1
+    p = _bad(tmp_path, valid_arrays, next_obs_index=idx)
+    with pytest.raises(UserError, match="next_obs_index"):
+        MiniGridTransitions(p)
+
+
+def test_next_obs_index_wrong_length(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, next_obs_index=valid_arrays["next_obs_index"][:-1])
+    with pytest.raises(UserError, match="next_obs_index"):
+        MiniGridTransitions(p)
+
+
+def test_episode_wrong_shape(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, episode=valid_arrays["episode"][:-1])
+    with pytest.raises(UserError, match="'episode' must be integers"):
+        MiniGridTransitions(p)
+
+
+def test_agent_pos_wrong_shape(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, agent_pos=valid_arrays["agent_pos"][:, 0])
+    with pytest.raises(UserError, match="'agent_pos' must have shape"):
+        MiniGridTransitions(p)
+
+
+def test_meta_not_json(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, meta=np.array("{not json"))
+    with pytest.raises(UserError, match="'meta'"):
+        MiniGridTransitions(p)
+
+
+def test_meta_json_not_an_object(tmp_path, valid_arrays):
+    p = _bad(tmp_path, valid_arrays, meta=np.array(json.dumps([1, 2])))
+    with pytest.raises(UserError, match="meta"):
+        MiniGridTransitions(p)
+
+
+def test_object_arrays_are_refused(tmp_path, valid_arrays):
+    p = tmp_path / "pickled.npz"
+    arrays = dict(valid_arrays, meta=np.array([{"env": "x"}], dtype=object))
+    with p.open("wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(UserError):
+        MiniGridTransitions(p)
+
+
+def test_empty_dataset(tmp_path):
+    p = write_npz(
+        tmp_path / "empty.npz",
+        obs=np.zeros((0, 32, 32, 3), np.uint8),
+        action=np.zeros(0, np.int64),
+        reward=np.zeros(0, np.float32),
+        done=np.zeros(0, bool),
+        next_obs_index=np.zeros(0, np.int64),
+        terminal_obs=np.zeros((0, 32, 32, 3), np.uint8),
+        episode=np.zeros(0, np.int64),
+    )
+    with pytest.raises(UserError, match="no transitions"):
+        MiniGridTransitions(p)
+
+
+def test_single_episode_dataset_cannot_be_split(tmp_path):
+    path = collect(tmp_path / "one.npz", episodes=1, max_steps=30)
+    data = MiniGridTransitions(path)
+    with pytest.raises(UserError, match="needs at least 2"):
+        make_loaders(data, batch_size=4)
+
+
+def test_load_arrays_returns_meta_and_notes(tiny_npz):
+    arrays, meta, notes = load_arrays(tiny_npz)
+    assert meta["env"] == "MiniGrid-Empty-8x8-v0"
+    assert notes == []
+    assert "meta" not in arrays

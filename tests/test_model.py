@@ -1,0 +1,178 @@
+"""The CNN JEPA world model: shapes, the EMA target, the loss in both modes, and that it learns."""
+
+import pytest
+import torch
+
+from wm_common import normalized_mse, vicreg_cov_loss, vicreg_std_loss
+from world_model_jepa import JEPAConfig, JEPAWorldModel
+
+
+def make_model(obs_shape=(32, 32, 3), **kw) -> JEPAWorldModel:
+    torch.manual_seed(0)
+    return JEPAWorldModel(config=JEPAConfig(obs_shape=list(obs_shape), **kw))
+
+
+def frames(b, shape, seed=0, high=256):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (b, *shape), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (32, 32, 3), (56, 56, 3), (7, 7, 3)])
+def test_shapes(shape):
+    model = make_model(shape, pixel_scale=10.0 if shape[0] == 7 else 255.0)
+    b, t = 5, 4
+    obs = frames(b, shape, high=11 if shape[0] == 7 else 256)
+    z = model.encode(obs)
+    assert z.shape == (b, 128) and z.dtype == torch.float32
+    assert model.encode_target(obs).shape == (b, 128)
+    action = torch.randint(0, 7, (b,))
+    assert model.predict(z, action).shape == (b, 128)
+    actions = torch.randint(0, 7, (b, t))
+    traj = model.rollout(z, actions)
+    assert traj.shape == (b, t, 128)
+    # rollout step 1 is predict, step 2 is predict of step 1
+    torch.testing.assert_close(traj[:, 0], model.predict(z, actions[:, 0]))
+    torch.testing.assert_close(traj[:, 1], model.predict(traj[:, 0], actions[:, 1]))
+    loss, terms = model.loss(obs, action, frames(b, shape, seed=1, high=11 if shape[0] == 7 else 256))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert set(terms) == {"pred_loss", "std_loss", "cov_loss"}
+
+
+def test_latent_dim_and_num_actions_are_configurable():
+    model = make_model((32, 32, 3), latent_dim=16, num_actions=3)
+    z = model.encode(frames(2, (32, 32, 3)))
+    assert z.shape == (2, 16)
+    assert model.predict(z, torch.tensor([0, 2])).shape == (2, 16)
+    with pytest.raises(IndexError):
+        model.predict(z, torch.tensor([0, 3]))
+
+
+def test_target_encoder_gets_no_gradient():
+    model = make_model()
+    assert all(not p.requires_grad for p in model.target_encoder.parameters())
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
+    loss, _ = model.loss(obs, torch.randint(0, 7, (8,)), nxt)
+    loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    # the target starts as an exact copy of the online encoder
+    for t, o in zip(model.target_encoder.parameters(), model.encoder.parameters(), strict=True):
+        assert torch.equal(t, o)
+
+
+def test_update_target_moves_by_the_decay():
+    model = make_model(ema_decay=0.9)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    model.update_target()
+    for t, t0, o in zip(model.target_encoder.parameters(), before, model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * o, rtol=0, atol=1e-6)
+        assert not torch.equal(t, t0)
+    # online parameters are untouched by the update
+    assert all(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_reg_none_loss_is_normalized_mse_exactly():
+    model = make_model(reg="none")
+    obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
+    action = torch.randint(0, 7, (8,))
+    loss, terms = model.loss(obs, action, nxt)
+    expected = normalized_mse(model.predict(model.encode(obs), action), model.encode_target(nxt))
+    assert torch.equal(loss, expected)
+    assert torch.equal(terms["pred_loss"], expected.detach())
+
+
+def test_reg_vicreg_adds_std_and_cov_with_coefficients():
+    cfg = dict(sim_coeff=2.0, std_coeff=3.0, cov_coeff=0.5)
+    model = make_model(reg="vicreg", **cfg)
+    obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
+    action = torch.randint(0, 7, (8,))
+    loss, terms = model.loss(obs, action, nxt)
+    z = model.encode(obs)
+    pred = normalized_mse(model.predict(z, action), model.encode_target(nxt))
+    std, cov = vicreg_std_loss(z), vicreg_cov_loss(z)
+    torch.testing.assert_close(loss, 2.0 * pred + 3.0 * std + 0.5 * cov)
+    torch.testing.assert_close(terms["pred_loss"], pred)
+    torch.testing.assert_close(terms["std_loss"], std)
+    torch.testing.assert_close(terms["cov_loss"], cov)
+    assert std.item() > 0  # the terms are not trivially zero at init, so the check above means something
+
+
+def test_bad_reg_is_rejected():
+    with pytest.raises(ValueError):
+        JEPAConfig(reg="bogus")
+
+
+def test_model_config_rebuilds_the_model():
+    model = make_model((56, 56, 3), latent_dim=32, reg="none")
+    rebuilt = JEPAWorldModel(config=JEPAConfig(**model.model_config()))
+    rebuilt.load_state_dict(model.state_dict())
+    obs = frames(3, (56, 56, 3))
+    assert torch.equal(rebuilt.encode(obs), model.encode(obs))
+
+
+@pytest.mark.parametrize("reg", ["none", "vicreg"])
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(reg):
+    model = make_model(reg=reg)
+    obs, nxt = frames(32, (32, 32, 3)), frames(32, (32, 32, 3), seed=1)
+    action = torch.randint(0, 7, (32,), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = model.loss(obs, action, nxt)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_target()
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- training in-process
+
+
+def _train(data, out, **kw):
+    from train_jepa import TrainConfig
+    from train_jepa import main as train_main
+
+    cfg = TrainConfig(data=str(data), out_dir=str(out), epochs=1, batch_size=16, log_every=5, device="cpu", seed=0, **kw)
+    return train_main(cfg)
+
+
+def test_training_on_symbolic_observations(tmp_path, capsys):
+    from conftest import collect
+
+    from wm_common import load_checkpoint
+
+    data = collect(tmp_path / "sym.npz", episodes=4, max_steps=30, obs="symbolic")
+    summary = _train(data, tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary.values())
+    ckpt = load_checkpoint(tmp_path / "run", arch="jepa_cnn")
+    assert ckpt["model_config"]["obs_shape"] == [7, 7, 3]
+    assert ckpt["model_config"]["pixel_scale"] == 10.0  # symbolic codes are small integers, not 0..255
+    assert "Epoch 01 finished" in capsys.readouterr().out
+
+
+def test_training_on_a_legacy_file(tmp_path, capsys, tiny_npz, tiny_arrays):
+    from conftest import write_npz
+
+    from minigrid_dataset import MiniGridTransitions
+
+    data = MiniGridTransitions(tiny_npz)
+    legacy = write_npz(
+        tmp_path / "legacy.npz",
+        obs=tiny_arrays["obs"],
+        actions=tiny_arrays["action"],
+        next_obs=data.next_obs(torch.arange(len(data))).numpy(),
+        rewards=tiny_arrays["reward"],
+        dones=tiny_arrays["done"],
+    )
+    _train(legacy, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "note: no 'episode' key: episodes recovered from 'done'" in out
+    assert "metadata for probes is missing" in out
+    assert (tmp_path / "run" / "model.pt").is_file()
