@@ -39,6 +39,9 @@ class CollectConfig:
             "choices": ["rgb", "rgb_partial", "symbolic"],
         },
     )
+    config: str = field(
+        default="", metadata={"help": "YAML file (e.g. config.yaml): its data-collection keys set these flags; flags override it"}
+    )
     actions: str = field(
         default="all", metadata={"help": "random policy over all actions, or only left/right/forward", "choices": ["all", "nav"]}
     )
@@ -211,5 +214,31 @@ def main(cfg: CollectConfig) -> Path:
     return out
 
 
+# seed 000's names for the collection settings; its model and training keys belong to the trainers
+CONFIG_ALIASES = {
+    "environment_name": "env",
+    "num_episodes_data_collection": "episodes",
+    "max_steps_per_episode_data_collection": "max_steps",
+}
+TRAINER_KEYS = (
+    "patch_size",
+    "input_channels",
+    "latent_dim",
+    "decoder_dim",
+    "num_heads",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "mlp_dim",
+    "action_emb_dim",
+    "jepa_predictor_hidden_dim",
+    "ema_decay",
+    "vicreg_sim_coeff",
+    "vicreg_std_coeff",
+    "vicreg_cov_coeff",
+    "batch_size",
+    "learning_rate",
+    "num_epochs",
+)
+
 if __name__ == "__main__":
-    run_cli(main, CollectConfig, description=__doc__.split("\n\n")[0])
+    run_cli(main, CollectConfig, description=__doc__.split("\n\n")[0], aliases=CONFIG_ALIASES, ignored=TRAINER_KEYS)

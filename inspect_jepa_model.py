@@ -33,8 +33,10 @@ from wm_common import (
     write_json,
 )
 from world_model_jepa import JEPAConfig, JEPAWorldModel
+from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
-MODELS = {"jepa_cnn": (JEPAConfig, JEPAWorldModel)}
+MODELS = {"jepa_cnn": (JEPAConfig, JEPAWorldModel), "jepa_vit": (ViTJEPAConfig, ViTJEPA), "encdec_vit": (EncDecConfig, ViTEncoderDecoder)}
+PIXEL_ROLLOUT_STARTS = 512
 HORIZONS = list(range(1, 11))
 
 
@@ -101,6 +103,62 @@ def pixels(obs: torch.Tensor, size: int = 16) -> np.ndarray:
     if min(x.shape[-2:]) > size:
         x = F.interpolate(x, size=(size, size), mode="area")
     return x.flatten(1).numpy()
+
+
+def frame_shape_of(model_config: dict) -> list[int]:
+    if "obs_shape" in model_config:
+        return list(model_config["obs_shape"])
+    return [model_config["image_size"], model_config["image_size"], model_config["input_channels"]]
+
+
+def first_layer(model: torch.nn.Module) -> torch.Tensor:
+    """The encoder's first layer as filters [out, C, k, k]: conv kernels for the CNN, the patch
+    embedding's rows folded back into patches for a ViT."""
+    if hasattr(model.encoder, "convs"):
+        return model.encoder.convs[0].weight.detach().cpu()
+    w = model.encoder.to_patch_embedding[1].weight.detach().cpu()  # [D, p*p*C]
+    p, c = model.config.patch_size, model.config.input_channels
+    return w.view(-1, p, p, c).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def pixel_rollout_errors(
+    model, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor, episode: np.ndarray, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    """The encoder-decoder's open-loop rollouts in pixels: each predicted frame is fed back.
+    Pixel MSE at horizon h, divided by the MSE between random pairs of true frames (1 = chance),
+    next to copying the last true frame."""
+    scale = model.config.pixel_scale
+    n = len(obs)
+    truth = next_obs.permute(0, 3, 1, 2).float() / scale  # [n,C,H,W]; row i is frame t+1 of start i
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    chance = (truth - truth[perm]).pow(2).mean().clamp_min(1e-12)
+    starts = np.arange(0, n, max(1, n // PIXEL_ROLLOUT_STARTS))
+    x = obs[torch.from_numpy(starts)].permute(0, 3, 1, 2).float() / scale
+    first = x.clone()
+    errors, copies, counts = [], [], []
+    for h in HORIZONS:
+        j = starts + h - 1
+        keep = j < n
+        keep[keep] &= episode[j[keep]] == episode[starts[keep]]
+        starts, x, first = starts[keep], x[torch.from_numpy(keep)], first[torch.from_numpy(keep)]
+        counts.append(len(starts))
+        if len(starts) == 0:
+            errors.append(float("nan"))
+            copies.append(float("nan"))
+            continue
+        j = torch.from_numpy(starts + h - 1)
+        x = in_batches(lambda f, a: model.decode(model.encoder(f)[1], a), x, actions[j], batch_size=batch_size, device=device)
+        errors.append(float((x - truth[j]).pow(2).mean() / chance))
+        copies.append(float((first - truth[j]).pow(2).mean() / chance))
+    return {
+        "horizons": HORIZONS,
+        "error": errors,
+        "copy_baseline_error": copies,
+        "num_starts": counts,
+        "space": "pixels",
+        "normalisation": "pixel MSE / that of random pairs of true frames (1 = chance)",
+    }
 
 
 def unit_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,7 +230,7 @@ def inspect_model(
 ) -> tuple[dict, dict]:
     """Returns (report for eval.json, arrays for the figure)."""
     model = model_from_checkpoint(ckpt).to(device)
-    obs_shape = list(ckpt["model_config"]["obs_shape"])
+    obs_shape = frame_shape_of(ckpt["model_config"])
     if list(data.frame_shape) != obs_shape:
         fail(f"{name} takes frames {obs_shape} but {data.path} has {list(data.frame_shape)}; inspect it with data of that size")
     tc = ckpt["train_config"]
@@ -183,12 +241,21 @@ def inspect_model(
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     obs_te, act_te, next_te = data.obs[te], data.fields["action"][te], data.next_obs(te)
     z_te = in_batches(model.encode, obs_te, batch_size=bs, device=device)
-    z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
-    z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
-    z_cur_tgt = in_batches(model.encode_target, obs_te, batch_size=bs, device=device)
-    cos = F.cosine_similarity(z_pred, z_tgt, dim=-1)
-    std, rank = embedding_std(z_te), effective_rank(z_te)
     dim = z_te.shape[1]
+    pixel_model = ckpt["arch"] == "encdec_vit"
+    if pixel_model:
+        # the reconstruction baseline predicts frames: its prediction scores are in pixels
+        pred = in_batches(model.predict_frame, obs_te, act_te, batch_size=bs, device=device)
+        true = next_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
+        pred_loss = float((pred - true).pow(2).mean())
+        cos = F.cosine_similarity(pred.flatten(1), true.flatten(1), dim=-1)
+    else:
+        z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
+        z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
+        z_cur_tgt = in_batches(model.encode_target, obs_te, batch_size=bs, device=device)
+        pred_loss = float(unit_sq_dist(z_pred, z_tgt) / dim)
+        cos = F.cosine_similarity(z_pred, z_tgt, dim=-1)
+    std, rank = embedding_std(z_te), effective_rank(z_te)
     report: dict[str, Any] = {
         "arch": ckpt["arch"],
         "checkpoint_step": int(ckpt["step"]),
@@ -197,14 +264,15 @@ def inspect_model(
         "latent_dim": dim,
         "evaluated_on": "held-out episodes of the training data" if same_data else "another dataset (all episodes unseen in training)",
         "num_eval_transitions": len(test_idx),
-        "pred_loss": float(unit_sq_dist(z_pred, z_tgt) / dim),
+        "pred_loss": pred_loss,
+        "pred_space": "pixels (MSE of the next frame in [0,1])" if pixel_model else "latent (MSE of unit vectors)",
         "pred_cosine": float(cos.mean()),
         "embedding_std": std,
         "embedding_std_uniform": 1 / math.sqrt(dim),
         "effective_rank": rank,
         "collapse_warning": collapse_warning(std, rank, dim),
     }
-    conv = model.encoder.convs[0].weight.detach().cpu()
+    conv = first_layer(model)
     report["first_conv"] = {
         "shape": list(conv.shape),
         "mean": float(conv.mean()),
@@ -230,7 +298,10 @@ def inspect_model(
     else:
         report["probe"] = None
         report["probe_note"] = "the data has no agent_pos/agent_dir/goal_pos: probes skipped"
-    report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
+    if pixel_model:
+        report["rollout"] = pixel_rollout_errors(model, obs_te, act_te, next_te, data.episode[test_idx], device, bs)
+    else:
+        report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
     return report, figure
 
 

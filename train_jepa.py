@@ -1,93 +1,124 @@
 """Steps 3-4: train a JEPA world model on collected transitions.
 
-    python train_jepa.py --arch cnn --data data/empty8.npz --epochs 5
+    python train_jepa.py --arch cnn --data data/demo_empty8x8.npz --epochs 5
+    python train_jepa.py --arch vit --config config.yaml --data data/demo_empty8x8.npz
 
-Writes the run directory (default checkpoints/jepa_<arch>/): model.pt, config.json,
-metrics.csv (one row per logged step, one per epoch on the held-out episodes) and loss.png.
-Every epoch it also measures whether the latents have collapsed (per-dim std, RankMe) and
-warns if they have: a near-zero JEPA loss means nothing on its own.
+`--arch cnn` is seed 003's small CNN JEPA (world_model_jepa.py); `--arch vit` is seed 000's ViT
+JEPA with VICReg (world_model_vit.py). Writes the run directory (default
+checkpoints/jepa_<arch>/): model.pt, config.json, metrics.csv (one row per logged step, one per
+epoch on held-out episodes) and loss.png. Every epoch it also measures whether the latents have
+collapsed (per-dim std, RankMe) and warns if they have: a near-zero JEPA loss means nothing on
+its own.
 """
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from wm_common import fail, run_cli, run_training
+from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, fail, run_cli, run_training
 from world_model_jepa import LOSS_TERMS, JEPAConfig, JEPAWorldModel
+from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
+
+# Loss weights when not given: the CNN's prediction loss is seed 003's normalised MSE (tiny
+# values), the ViT's is seed 000's plain MSE with VICReg's usual 25/25/1.
+DEFAULT_COEFFS = {"cnn": (1.0, 1.0, 0.04), "vit": (25.0, 25.0, 1.0)}
 
 
 @dataclass
-class TrainConfig:
-    data: str = field(default="data/MiniGrid-Empty-8x8-v0_rgb.npz", metadata={"help": "transitions .npz from collect_minigrid_data.py"})
-    arch: str = field(default="cnn", metadata={"help": "encoder architecture", "choices": ["cnn"]})
-    epochs: int = field(default=5, metadata={"help": "total epochs (with --resume: train until this many)"})
-    batch_size: int = field(default=64, metadata={"help": "transitions per batch"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    seed: int = field(default=0, metadata={"help": "one seed for init, data split and data order"})
-    out_dir: str = field(default="", metadata={"help": "run directory (default: checkpoints/jepa_<arch>)"})
-    device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
-    config: str = field(default="", metadata={"help": "YAML file of these keys (seed 000 names accepted); flags override it"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its checkpoint up to --epochs"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --out-dir"})
-    val_fraction: float = field(default=0.1, metadata={"help": "fraction of episodes held out for validation"})
-    log_every: int = field(default=100, metadata={"help": "print and log every this many batches"})
-    num_workers: int = field(
-        default=0, metadata={"help": "DataLoader worker processes (0: load in the main process; batches are one gather)"}
-    )
+class TrainConfig(ViTArgs, RunConfig):
+    arch: str = field(default="cnn", metadata={"help": "cnn: seed 003's CNN JEPA; vit: seed 000's ViT JEPA", "choices": ["cnn", "vit"]})
     reg: str = field(
         default="vicreg",
         metadata={
-            "help": "none: seed 003's method exactly (collapses); vicreg: add variance+covariance terms",
+            "help": "cnn only. none: seed 003's method exactly (collapses); vicreg: add variance+covariance terms",
             "choices": ["none", "vicreg"],
         },
     )
     latent_dim: int = field(default=128, metadata={"help": "latent size"})
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the target encoder"})
-    sim_coeff: float = field(default=1.0, metadata={"help": "weight of the prediction loss"})
-    std_coeff: float = field(default=1.0, metadata={"help": "weight of the VICReg variance term"})
-    cov_coeff: float = field(default=0.04, metadata={"help": "weight of the VICReg covariance term"})
+    sim_coeff: float | None = field(default=None, metadata={"help": "weight of the prediction loss (default: cnn 1, vit 25)"})
+    std_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg variance term (default: cnn 1, vit 25)"})
+    cov_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg covariance term (default: cnn 0.04, vit 1)"})
+    jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
+    predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
+    arrangement: str = field(
+        default="seed",
+        metadata={
+            "help": "vit: seed = EMA target encodes s_t, online encodes s_t+1 (seed 000); common = online s_t, EMA s_t+1",
+            "choices": ["seed", "common"],
+        },
+    )
 
 
-# seed 000's config.yaml names for the same settings
-ALIASES = {
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "vicreg_sim_coeff": "sim_coeff",
-    "vicreg_std_coeff": "std_coeff",
-    "vicreg_cov_coeff": "cov_coeff",
-}
+ENCDEC_KEYS = ("decoder_dim", "num_decoder_layers")  # config.yaml keys for train_encdec.py
 
 
-def build_cnn(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig) -> JEPAWorldModel:
+def coeffs(cfg: TrainConfig) -> dict[str, float]:
+    sim, std, cov = DEFAULT_COEFFS[cfg.arch]
+    return {
+        "sim": sim if cfg.sim_coeff is None else cfg.sim_coeff,
+        "std": std if cfg.std_coeff is None else cfg.std_coeff,
+        "cov": cov if cfg.cov_coeff is None else cfg.cov_coeff,
+    }
+
+
+def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
+    if cfg.arch == "cnn":
+        config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
+        shape = config.obs_shape
+        model = JEPAWorldModel(config=config)
+    else:
+        config = ViTJEPAConfig(**saved) if saved is not None else vit_config(data, cfg)
+        shape = [config.image_size, config.image_size, config.input_channels]
+        model = ViTJEPA(config=config)
+    if list(data.frame_shape) != list(shape):
+        fail(f"the data's frames are {list(data.frame_shape)} but the checkpoint's model takes {shape}; use the data it was trained on")
+    return model
+
+
+def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
     if data.fields["action"].ndim != 1:
         fail(f"{data.path} has continuous actions; the CNN JEPA embeds discrete actions only")
-    if saved is not None:
-        config = JEPAConfig(**saved)
-        if list(data.frame_shape) != list(config.obs_shape):
-            fail(
-                f"the data's frames are {list(data.frame_shape)} but the checkpoint's model takes {config.obs_shape}; use the data it was trained on"
-            )
-        return JEPAWorldModel(config=config)
-    symbolic = data.meta.get("obs_mode") == "symbolic"
-    config = JEPAConfig(
+    c = coeffs(cfg)
+    return JEPAConfig(
         obs_shape=list(data.frame_shape),
         num_actions=data.num_actions,
         latent_dim=cfg.latent_dim,
+        action_emb_dim=cfg.action_emb_dim,
         ema_decay=cfg.ema_decay,
-        pixel_scale=10.0 if symbolic else 255.0,
+        pixel_scale=10.0 if data.meta.get("obs_mode") == "symbolic" else 255.0,
         reg=cfg.reg,
-        sim_coeff=cfg.sim_coeff,
-        std_coeff=cfg.std_coeff,
-        cov_coeff=cfg.cov_coeff,
+        sim_coeff=c["sim"],
+        std_coeff=c["std"],
+        cov_coeff=c["cov"],
     )
-    return JEPAWorldModel(config=config)
+
+
+def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
+    if cfg.reg != "vicreg":
+        fail("--reg none is seed 003's CNN method; the ViT JEPA is always regularised with VICReg (set std/cov coeffs to 0 to drop it)")
+    c = coeffs(cfg)
+    return ViTJEPAConfig(
+        **vit_kwargs(cfg, data, cfg.latent_dim),
+        jepa_predictor_hidden_dim=cfg.jepa_predictor_hidden_dim,
+        predictor=cfg.predictor,
+        arrangement=cfg.arrangement,
+        ema_decay=cfg.ema_decay,
+        vicreg_sim_coeff=c["sim"],
+        vicreg_std_coeff=c["std"],
+        vicreg_cov_coeff=c["cov"],
+    )
 
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or f"checkpoints/jepa_{cfg.arch}"
-    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_cnn(saved, data, cfg), term_names=LOSS_TERMS)
+    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=LOSS_TERMS)
 
 
 if __name__ == "__main__":
-    run_cli(main, TrainConfig, description=__doc__.split("\n\n")[0], aliases=ALIASES)
+    run_cli(
+        main,
+        TrainConfig,
+        description=__doc__.split("\n\n")[0],
+        aliases=SEED000_ALIASES,
+        ignored=SEED000_COLLECTION_KEYS + ENCDEC_KEYS,
+    )

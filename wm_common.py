@@ -90,6 +90,7 @@ def parse_config(
     *,
     description: str = "",
     aliases: dict[str, str] | None = None,
+    ignored: tuple[str, ...] = (),
 ) -> Any:
     """Builds the CLI from a config dataclass: one `--flag-name` per field, help from the
     field's `help` metadata. If the dataclass has a `config` field, `--config FILE.yaml` sets
@@ -122,12 +123,15 @@ def parse_config(
     given = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     if given.get("config"):
-        values = load_yaml_config(given["config"], cfg_cls, aliases or {})
+        values = load_yaml_config(given["config"], cfg_cls, aliases or {}, ignored)
     values.update(given)
     return cfg_cls(**values)
 
 
-def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str]) -> dict[str, Any]:
+def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str], ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML config for `cfg_cls`. Keys in `ignored` belong to other stages (e.g. the
+    collection keys of a shared config.yaml): skipped with a note. Any other unknown key is an
+    error, so a typo never goes unnoticed."""
     import yaml
 
     p = Path(path)
@@ -144,7 +148,12 @@ def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str]) -> dict[
     names = set(fields)
     out: dict[str, Any] = {}
     unknown = []
+    skipped = [k for k in raw if k in ignored]
+    if skipped:
+        print(f"note: {path}: keys for other stages skipped here: {', '.join(skipped)}")
     for key, value in raw.items():
+        if key in ignored:
+            continue
         name = aliases.get(key, key)
         if name not in names or name == "config":
             unknown.append(key)
@@ -526,11 +535,11 @@ def fit(
         if latent_dim is not None:
             line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{latent_dim}"
         print(line, flush=True)
-        if latent_dim is not None and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
+        if getattr(model, "can_collapse", False) and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
             print(
                 f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {latent_dim}, per-dim std "
                 f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
-                "nothing. Train with --reg vicreg.",
+                "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff.",
                 flush=True,
             )
         log.write({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
@@ -579,6 +588,44 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 # ----------------------------------------------------------------------------- a training run
+
+# seed 000's config.yaml names for settings the trainers call otherwise
+SEED000_ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "vicreg_sim_coeff": "sim_coeff",
+    "vicreg_std_coeff": "std_coeff",
+    "vicreg_cov_coeff": "cov_coeff",
+}
+# seed 000 keys that configure data collection: the trainers accept and skip them
+SEED000_COLLECTION_KEYS = ("environment_name", "num_episodes_data_collection", "max_steps_per_episode_data_collection")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Settings every trainer shares; each trainer's config adds its model's fields."""
+
+    data: str = dataclasses.field(default="data/demo_empty8x8.npz", metadata={"help": "transitions .npz from collect_minigrid_data.py"})
+    epochs: int = dataclasses.field(default=5, metadata={"help": "total epochs (with --resume: train until this many)"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "transitions per batch"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "one seed for init, data split and data order"})
+    out_dir: str = dataclasses.field(default="", metadata={"help": "run directory (default: checkpoints/<arch>)"})
+    device: str = dataclasses.field(
+        default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]}
+    )
+    config: str = dataclasses.field(default="", metadata={"help": "YAML file of these keys (seed 000 names accepted); flags override it"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out-dir from its checkpoint up to --epochs"})
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace an existing run in --out-dir (the old one is kept as <out-dir>.prev)"}
+    )
+    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of episodes held out for validation"})
+    log_every: int = dataclasses.field(default=100, metadata={"help": "print and log every this many batches"})
+    num_workers: int = dataclasses.field(
+        default=0, metadata={"help": "DataLoader worker processes (0: load in the main process; batches are one gather)"}
+    )
 
 
 def run_training(

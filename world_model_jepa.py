@@ -84,6 +84,8 @@ class LatentPredictor(nn.Module):
 
 
 class JEPAWorldModel(nn.Module):
+    can_collapse = True  # a joint-embedding loss has a trivial constant solution; fit() watches for it
+
     def __init__(self, *, config: JEPAConfig):
         super().__init__()
         self.config = config

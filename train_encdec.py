@@ -1,0 +1,115 @@
+"""Step 5: train the ViT encoder-decoder of seed 000, the pixel-reconstruction baseline: it
+predicts the next frame s_t+1 from s_t and a_t in pixels.
+
+    python train_encdec.py --config config.yaml --data data/demo_empty8x8.npz
+
+Writes the run directory (default checkpoints/encdec_vit/) like train_jepa.py (model.pt,
+config.json, metrics.csv, loss.png) and predictions.png: held-out s_t, predicted s_t+1, true
+s_t+1 and their difference, so you can see what the decoder learned.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigrid_dataset import MiniGridTransitions, split_episodes
+from wm_common import (
+    SEED000_ALIASES,
+    SEED000_COLLECTION_KEYS,
+    RunConfig,
+    atomic_write,
+    choose_device,
+    fail,
+    load_checkpoint,
+    run_cli,
+    run_training,
+)
+from world_model_vit import EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
+
+LOSS_TERMS = ["recon_loss"]
+# config.yaml keys that configure the JEPA, not this model
+JEPA_KEYS = ("jepa_predictor_hidden_dim", "ema_decay", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff")
+
+
+@dataclass
+class EncDecTrainConfig(ViTArgs, RunConfig):
+    latent_dim: int = field(default=128, metadata={"help": "encoder width (pooled latent size)"})
+    decoder_dim: int = field(default=128, metadata={"help": "decoder width"})
+    num_decoder_layers: int = field(default=2, metadata={"help": "decoder transformer blocks"})
+    num_examples: int = field(default=8, metadata={"help": "held-out examples drawn in predictions.png"})
+
+
+def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig) -> ViTEncoderDecoder:
+    if saved is not None:
+        config = EncDecConfig(**saved)
+        if list(data.frame_shape) != [config.image_size, config.image_size, config.input_channels]:
+            fail(
+                f"the data's frames are {list(data.frame_shape)} but the checkpoint's model takes {config.image_size}px x {config.input_channels}"
+            )
+    else:
+        config = EncDecConfig(
+            **vit_kwargs(cfg, data, cfg.latent_dim), decoder_dim=cfg.decoder_dim, num_decoder_layers=cfg.num_decoder_layers
+        )
+    if config.decoder_dim % config.num_heads:
+        fail(f"decoder_dim {config.decoder_dim} is not divisible by num_heads {config.num_heads}")
+    return ViTEncoderDecoder(config=config)
+
+
+@torch.no_grad()
+def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: torch.device) -> Path:
+    """predictions.png: rows of held-out s_t | predicted s_t+1 | true s_t+1 | |difference|."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ckpt = load_checkpoint(run_dir, arch="encdec_vit")
+    model = ViTEncoderDecoder(config=EncDecConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    tc = ckpt["train_config"]
+    _, val_idx = split_episodes(data.episode, tc["val_fraction"], tc["seed"])
+    # prefer transitions where the frame changes, so the picture shows motion, not copies
+    moved = val_idx[(data.obs[val_idx] != data.next_obs(torch.from_numpy(val_idx))).flatten(1).any(1).numpy()]
+    pool = moved if len(moved) >= n else val_idx
+    idx = torch.from_numpy(np.random.default_rng(0).choice(pool, size=min(n, len(pool)), replace=False))
+    obs, nxt, act = data.obs[idx], data.next_obs(idx), data.fields["action"][idx]
+    pred = model.predict_frame(obs.to(device), act.to(device)).cpu().permute(0, 2, 3, 1).numpy()
+    scale = model.config.pixel_scale
+    true = nxt.numpy() / scale
+    fig, axes = plt.subplots(len(idx), 4, figsize=(8, 2.1 * len(idx)), squeeze=False)
+    for r in range(len(idx)):
+        images = (obs[r].numpy() / scale, pred[r], true[r], np.abs(pred[r] - true[r]).mean(-1))
+        titles = (f"s_t (action {int(act[r])})", "predicted s_t+1", "true s_t+1", f"|diff| mean {np.abs(pred[r] - true[r]).mean():.3f}")
+        for c, (img, title) in enumerate(zip(images, titles, strict=True)):
+            ax = axes[r, c]
+            ax.imshow(np.clip(img.squeeze(), 0, 1), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+    fig.suptitle(f"encoder-decoder, step {ckpt['step']}: held-out transitions", fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "predictions.png"
+    atomic_write(out, lambda p: fig.savefig(p, dpi=80, format="png"))
+    plt.close(fig)
+    return out
+
+
+def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
+    cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
+    summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=LOSS_TERMS)
+    out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))
+    print(f"Saved {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(
+        main,
+        EncDecTrainConfig,
+        description=__doc__.split("\n\n")[0],
+        aliases=SEED000_ALIASES,
+        ignored=SEED000_COLLECTION_KEYS + JEPA_KEYS,
+    )

@@ -1,0 +1,320 @@
+"""The ViT world models of seed 000: a ViT encoder, a ViT JEPA regularised with VICReg, and a
+ViT encoder-decoder that predicts the next frame in pixels (the reconstruction baseline).
+
+ViT JEPA, two arrangements (`arrangement`):
+    "seed"   (seed 000 as written): z_t = EMA_target(s_t), no gradients; the predictor maps
+             (z_t, a_t) to the *online* encoding of s_t+1, which gets gradients.
+    "common" (I-JEPA / BYOL style): z_t = online(s_t); the predictor maps (z_t, a_t) to the
+             EMA target's encoding of s_t+1 (no gradients).
+    loss = sim_coeff * MSE(pred, target)
+         + std_coeff * VICReg variance + cov_coeff * VICReg covariance,
+           both on the online embeddings of s_t and s_t+1.
+
+Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
+queries carry the embedded action cross-attends to them and outputs each patch of s_t+1;
+loss = MSE in pixels.
+"""
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wm_common import ema_update, frames_to_float, vicreg_cov_loss, vicreg_std_loss
+from wm_common import fail as raise_user
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    input_channels: int = 3
+    num_actions: int = 7
+    latent_dim: int = 128
+    num_heads: int = 4
+    num_encoder_layers: int = 2
+    mlp_dim: int = 256
+    action_emb_dim: int = 32
+    pixel_scale: float = 255.0
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.latent_dim % self.num_heads:
+            raise ValueError(f"latent_dim {self.latent_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ViTJEPAConfig(ViTConfig):
+    jepa_predictor_hidden_dim: int = 256
+    predictor: str = "mlp"  # "mlp" or "transformer"
+    arrangement: str = "seed"  # "seed" or "common", see the module docstring
+    ema_decay: float = 0.99
+    vicreg_sim_coeff: float = 25.0
+    vicreg_std_coeff: float = 25.0
+    vicreg_cov_coeff: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.predictor not in ("mlp", "transformer"):
+            raise ValueError(f"predictor must be 'mlp' or 'transformer', got {self.predictor!r}")
+        if self.arrangement not in ("seed", "common"):
+            raise ValueError(f"arrangement must be 'seed' or 'common', got {self.arrangement!r}")
+
+
+@dataclass
+class EncDecConfig(ViTConfig):
+    decoder_dim: int = 128
+    num_decoder_layers: int = 2
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
+    """[B, N, p*p*C] -> [B,C,H,W], the inverse of patchify for a square image."""
+    b, n, _ = x.shape
+    g = int(round(n**0.5))
+    x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, g * p, g * p)
+
+
+def transformer_layers(*, dim: int, heads: int, mlp_dim: int, depth: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, dim_feedforward=mlp_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+class ViTEncoder(nn.Module):
+    """Frames -> (pooled latent [B,D], patch tokens [B,N,D]): patch embedding, learned
+    positions, pre-norm transformer blocks, final LayerNorm, mean pooling."""
+
+    def __init__(self, *, image_size: int, patch_size: int, input_channels: int, dim: int, heads: int, depth: int, mlp_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        n = (image_size // patch_size) ** 2
+        self.to_patch_embedding = nn.Sequential(
+            nn.LayerNorm(patch_size * patch_size * input_channels), nn.Linear(patch_size * patch_size * input_channels, dim)
+        )
+        self.pos_embedding = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+        self.transformer = transformer_layers(dim=dim, heads=heads, mlp_dim=mlp_dim, depth=depth)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.to_patch_embedding(patchify(x, self.patch_size)) + self.pos_embedding  # [B,N,D]
+        tokens = self.norm(self.transformer(tokens))
+        return tokens.mean(dim=1), tokens
+
+
+def build_encoder(c: ViTConfig) -> ViTEncoder:
+    return ViTEncoder(
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        input_channels=c.input_channels,
+        dim=c.latent_dim,
+        heads=c.num_heads,
+        depth=c.num_encoder_layers,
+        mlp_dim=c.mlp_dim,
+    )
+
+
+class MLPPredictor(nn.Module):
+    def __init__(self, *, latent_dim: int, action_emb_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + action_emb_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, latent_dim),
+        )
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, a], dim=-1))  # [B,D]
+
+
+class TransformerPredictor(nn.Module):
+    """Two tokens, the latent and the projected action, through a small transformer; the
+    latent token's output is the prediction."""
+
+    def __init__(self, *, latent_dim: int, action_emb_dim: int, hidden_dim: int, heads: int):
+        super().__init__()
+        self.action_proj = nn.Linear(action_emb_dim, latent_dim)
+        self.pos = nn.Parameter(torch.randn(1, 2, latent_dim) * 0.02)
+        self.transformer = transformer_layers(dim=latent_dim, heads=heads, mlp_dim=hidden_dim, depth=2)
+        self.out = nn.Linear(latent_dim, latent_dim)
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([z, self.action_proj(a)], dim=1) + self.pos  # [B,2,D]
+        return self.out(self.transformer(tokens)[:, 0])
+
+
+class ViTJEPA(nn.Module):
+    can_collapse = True  # a joint-embedding loss has a trivial constant solution; fit() watches for it
+
+    def __init__(self, *, config: ViTJEPAConfig):
+        super().__init__()
+        c = self.config = config
+        self.latent_dim = c.latent_dim
+        self.encoder = build_encoder(c)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.action_emb = nn.Embedding(c.num_actions, c.action_emb_dim)
+        if c.predictor == "mlp":
+            self.predictor = MLPPredictor(latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim)
+        else:
+            self.predictor = TransformerPredictor(
+                latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
+            )
+
+    def _online(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(frames_to_float(obs, self.config.pixel_scale))[0]
+
+    @torch.no_grad()
+    def _ema(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.target_encoder(frames_to_float(obs, self.config.pixel_scale))[0]
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,H,W,C] -> the latents the predictor starts from [B,D]."""
+        return self._ema(obs) if self.config.arrangement == "seed" else self._online(obs)
+
+    def encode_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,H,W,C] -> the latents the predictor aims at [B,D]."""
+        return self._online(obs) if self.config.arrangement == "seed" else self._ema(obs)
+
+    def predict(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.predictor(z, self.action_emb(action))
+
+    def rollout(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z [B,D], actions [B,T] -> predicted latents [B,T,D]."""
+        out = []
+        for t in range(actions.shape[1]):
+            z = self.predict(z, actions[:, t])
+            out.append(z)
+        return torch.stack(out, dim=1)
+
+    def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.config
+        online_t, online_t1 = self._online(obs), self._online(next_obs)
+        if c.arrangement == "seed":
+            pred, target = self.predict(self._ema(obs), action), online_t1
+        else:
+            pred, target = self.predict(online_t, action), self._ema(next_obs)
+        pred_loss = F.mse_loss(pred, target)
+        std_loss = (vicreg_std_loss(online_t) + vicreg_std_loss(online_t1)) / 2
+        cov_loss = vicreg_cov_loss(online_t) + vicreg_cov_loss(online_t1)
+        loss = c.vicreg_sim_coeff * pred_loss + c.vicreg_std_coeff * std_loss + c.vicreg_cov_coeff * cov_loss
+        return loss, {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
+
+    def update_target(self) -> None:
+        ema_update(self.target_encoder, self.encoder, self.config.ema_decay)
+
+    def model_config(self) -> dict:
+        return asdict(self.config)
+
+
+class ViTEncoderDecoder(nn.Module):
+    """s_t, a_t -> s_t+1 in pixels."""
+
+    def __init__(self, *, config: EncDecConfig):
+        super().__init__()
+        c = self.config = config
+        self.latent_dim = c.latent_dim
+        self.encoder = build_encoder(c)
+        self.action_emb = nn.Embedding(c.num_actions, c.action_emb_dim)
+        self.action_to_decoder = nn.Linear(c.action_emb_dim, c.decoder_dim)
+        self.memory_proj = nn.Linear(c.latent_dim, c.decoder_dim)
+        self.queries = nn.Parameter(torch.randn(1, c.num_patches, c.decoder_dim) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            c.decoder_dim, c.num_heads, dim_feedforward=2 * c.decoder_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, c.num_decoder_layers)
+        self.norm = nn.LayerNorm(c.decoder_dim)
+        self.to_pixels = nn.Linear(c.decoder_dim, c.patch_size * c.patch_size * c.input_channels)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,H,W,C] -> pooled latent [B,D] (for probes and collapse checks)."""
+        return self.encoder(frames_to_float(obs, self.config.pixel_scale))[0]
+
+    def decode(self, tokens: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B,N,D] and actions [B] -> next frame [B,C,H,W] in [0,1]."""
+        c = self.config
+        queries = self.queries + self.action_to_decoder(self.action_emb(action))[:, None]  # [B,N,Dd]
+        out = self.norm(self.decoder(queries, self.memory_proj(tokens)))
+        return torch.sigmoid(unpatchify(self.to_pixels(out), c.patch_size, c.input_channels))
+
+    def predict_frame(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,H,W,C] frames and actions [B] -> predicted next frames, float [B,C,H,W] in [0,1]."""
+        return self.decode(self.encoder(frames_to_float(obs, self.config.pixel_scale))[1], action)
+
+    def rollout_frames(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Open-loop in pixels: each predicted frame is fed back. -> [B,T,C,H,W] in [0,1]."""
+        x = frames_to_float(obs, self.config.pixel_scale)
+        out = []
+        for t in range(actions.shape[1]):
+            x = self.decode(self.encoder(x)[1], actions[:, t])
+            out.append(x)
+        return torch.stack(out, dim=1)
+
+    def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pred = self.predict_frame(obs, action)
+        recon = F.mse_loss(pred, frames_to_float(next_obs, self.config.pixel_scale))
+        return recon, {"recon_loss": recon.detach()}
+
+    def model_config(self) -> dict:
+        return asdict(self.config)
+
+
+@dataclass
+class ViTArgs:
+    """The ViT hyperparameters as trainer flags / config.yaml keys (seed 000's names)."""
+
+    image_size: int | None = field(default=None, metadata={"help": "ViT: frame size; must match the data (default: the data's)"})
+    input_channels: int | None = field(default=None, metadata={"help": "ViT: frame channels; must match the data (default: the data's)"})
+    patch_size: int = field(default=16, metadata={"help": "ViT: patch size (image_size must be divisible by it)"})
+    num_heads: int = field(default=4, metadata={"help": "ViT: attention heads"})
+    num_encoder_layers: int = field(default=2, metadata={"help": "ViT: encoder transformer blocks"})
+    mlp_dim: int = field(default=256, metadata={"help": "ViT: hidden size of each block's MLP"})
+    action_emb_dim: int = field(default=32, metadata={"help": "action embedding size"})
+
+
+def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
+    """ViTConfig keyword arguments from the flags, checked against the data's frames."""
+    h, w, c = data.frame_shape
+    if h != w:
+        raise_user(f"the ViT needs square frames, the data's are {h}x{w}")
+    if args.image_size not in (None, h):
+        raise_user(
+            f"image_size {args.image_size} does not match the data's {h}x{w} frames; collect with --image-size {args.image_size} or set image_size: {h}"
+        )
+    if args.input_channels not in (None, c):
+        raise_user(f"input_channels {args.input_channels} does not match the data's {c} channels")
+    if h % args.patch_size:
+        raise_user(f"image_size {h} is not divisible by patch_size {args.patch_size}; pick a divisor of {h}")
+    if latent_dim % args.num_heads:
+        raise_user(f"latent_dim {latent_dim} is not divisible by num_heads {args.num_heads}")
+    if data.fields["action"].ndim != 1:
+        raise_user(f"{data.path} has continuous actions; the ViT models embed discrete actions only")
+    symbolic = data.meta.get("obs_mode") == "symbolic"
+    return dict(
+        image_size=h,
+        input_channels=c,
+        patch_size=args.patch_size,
+        num_actions=data.num_actions,
+        latent_dim=latent_dim,
+        num_heads=args.num_heads,
+        num_encoder_layers=args.num_encoder_layers,
+        mlp_dim=args.mlp_dim,
+        action_emb_dim=args.action_emb_dim,
+        pixel_scale=10.0 if symbolic else 255.0,
+    )
