@@ -28,7 +28,10 @@ import torch
 from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
 from minigrid_dataset import MiniGridTransitions, make_loaders
 from wm_common import FitSettings, choose_device, fit, run_cli, seed_everything, write_json
-from world_model_jepa import LOSS_TERMS, JEPAConfig, JEPAWorldModel
+from world_model_jepa import JEPAConfig, JEPAWorldModel
+from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
+
+ARCHS = ("jepa_cnn", "jepa_vit", "encdec_vit")
 
 
 @dataclass
@@ -115,10 +118,19 @@ def bench_data(path: Path) -> dict:
     }
 
 
-def bench_train(cfg: BenchConfig, data: MiniGridTransitions, tmp: Path) -> dict:
+def build(arch: str, data: MiniGridTransitions) -> torch.nn.Module:
+    """Each architecture at its CPU default (the ViTs as in config.yaml)."""
+    if arch == "jepa_cnn":
+        return JEPAWorldModel(config=JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions))
+    vit = dict(image_size=data.frame_shape[0], patch_size=16, num_actions=data.num_actions)
+    return ViTJEPA(config=ViTJEPAConfig(**vit)) if arch == "jepa_vit" else ViTEncoderDecoder(config=EncDecConfig(**vit))
+
+
+def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Path) -> dict:
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
-    model = JEPAWorldModel(config=JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions)).to(device)
+    model = build(arch, data).to(device)
+    tmp.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.arange(cfg.batch_size)
     batch = data.__getitems__(idx.tolist())
@@ -130,7 +142,8 @@ def bench_train(cfg: BenchConfig, data: MiniGridTransitions, tmp: Path) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        model.update_target()
+        if hasattr(model, "update_target"):
+            model.update_target()
         loss.item()
 
     for _ in range(5):
@@ -146,7 +159,7 @@ def bench_train(cfg: BenchConfig, data: MiniGridTransitions, tmp: Path) -> dict:
     settings = FitSettings(
         epochs=epochs, lr=1e-3, weight_decay=0.0, grad_clip=1.0, log_every=log_every, out_dir=tmp, resume=False, title="bench"
     )
-    info = {"arch": "jepa_cnn", "model_config": model.model_config(), "train_config": {}, "data_meta": {}}
+    info = {"arch": arch, "model_config": model.model_config(), "train_config": {}, "data_meta": {}}
     with contextlib.redirect_stdout(io.StringIO()):
         fit(
             model=model,
@@ -155,7 +168,7 @@ def bench_train(cfg: BenchConfig, data: MiniGridTransitions, tmp: Path) -> dict:
             device=device,
             settings=settings,
             checkpoint_info=info,
-            term_names=LOSS_TERMS,
+            term_names=list(model.loss(obs, action, next_obs)[1]),
         )
     with (tmp / "metrics.csv").open() as f:
         rates = [float(r["samples_per_s"]) for r in csv.DictReader(f) if r["phase"] == "train" and r["samples_per_s"]]
@@ -177,12 +190,12 @@ def main(cfg: BenchConfig) -> dict:
         path = col.pop("path")
         dat = bench_data(path)
         data = MiniGridTransitions(path)
-        tr = bench_train(cfg, data, tmp)
+        trains = {arch: bench_train(cfg, arch, data, tmp / arch) for arch in ARCHS}
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "collect": col,
         "data": dat,
-        "train_jepa_cnn": tr,
+        **{f"train_{arch}": tr for arch, tr in trains.items()},
     }
     rows = [
         (
@@ -195,10 +208,13 @@ def main(cfg: BenchConfig) -> dict:
             col["bare_over_collector_with_write"],
             f"{col['collector_with_write_steps_per_s']:.0f} steps/s",
         ),
-        (
-            "train: model-only / full loop (target <= 1.1)",
-            tr["model_only_over_loop"],
-            f"{tr['model_only_samples_per_s']:.0f} vs {tr['training_loop_samples_per_s']:.0f} samples/s",
+        *(
+            (
+                f"train {arch}: model-only / full loop (target <= 1.1)",
+                tr["model_only_over_loop"],
+                f"{tr['model_only_samples_per_s']:.0f} vs {tr['training_loop_samples_per_s']:.0f} samples/s",
+            )
+            for arch, tr in trains.items()
         ),
         (
             "data: RAM / uint8 frame bytes (target <= 1.1)",
