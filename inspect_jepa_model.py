@@ -126,13 +126,14 @@ def pixel_rollout_errors(
     model, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor, episode: np.ndarray, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
     """The encoder-decoder's open-loop rollouts in pixels: each predicted frame is fed back.
-    Pixel MSE at horizon h, divided by the MSE between random pairs of true frames (1 = chance),
+    Pixel MSE at horizon h, divided by the MSE of the mean frame (1 = chance),
     next to copying the last true frame."""
     scale = model.config.pixel_scale
     n = len(obs)
     truth = next_obs.permute(0, 3, 1, 2).float() / scale  # [n,C,H,W]; row i is frame t+1 of start i
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    chance = (truth - truth[perm]).pow(2).mean().clamp_min(1e-12)
+    chance = (truth - truth.mean(0)).pow(2).mean()  # MSE of the best constant frame, the mean one
+    if chance < 1e-12:
+        chance = torch.tensor(float("nan"))
     starts = np.arange(0, n, max(1, n // PIXEL_ROLLOUT_STARTS))
     x = obs[torch.from_numpy(starts)].permute(0, 3, 1, 2).float() / scale
     first = x.clone()
@@ -157,7 +158,7 @@ def pixel_rollout_errors(
         "copy_baseline_error": copies,
         "num_starts": counts,
         "space": "pixels",
-        "normalisation": "pixel MSE / that of random pairs of true frames (1 = chance)",
+        "normalisation": "pixel MSE / that of the mean frame (1 = chance)",
     }
 
 
@@ -179,11 +180,15 @@ def rollout_errors(
     """Open-loop error at each horizon h: roll the predictor h steps from encode(obs_t) with the
     logged actions and compare with encode_target(obs_t+h). Inputs are aligned on a run of
     whole episodes (row i+1 follows row i inside an episode). Errors are squared distances
-    between unit latents divided by that of random pairs of target latents, so a collapsed
-    encoder scores ~1 (chance), not ~0. Copy baseline: encode_target(obs_t) for every h."""
+    between unit latents divided by that of the best constant guess (the targets' mean
+    direction): 1 is chance, and all-identical targets give NaN (undefined), never 0. Copy baseline: encode_target(obs_t) for every h."""
     n = len(z0)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    chance = unit_sq_dist(z_next_tgt, z_next_tgt[perm]).clamp_min(1e-12)
+    # chance = the error of the best constant guess, the targets' mean direction. All targets
+    # identical (full collapse) leaves nothing to predict: the error is undefined (NaN), not 0.
+    unit = F.normalize(z_next_tgt, dim=-1)
+    chance = unit_sq_dist(unit, F.normalize(unit.mean(0), dim=0).expand_as(unit))
+    if chance < 1e-6:
+        chance = torch.tensor(float("nan"))
     starts = np.arange(n)
     z = z0.to(device)
     errors, copies, counts = [], [], []
@@ -207,7 +212,7 @@ def rollout_errors(
         "error": errors,
         "copy_baseline_error": copies,
         "num_starts": counts,
-        "normalisation": "squared distance of unit latents / that of random pairs (1 = chance)",
+        "normalisation": "squared distance of unit latents / that of the best constant guess, the mean direction (1 = chance)",
     }
 
 
@@ -303,6 +308,17 @@ def inspect_model(
     else:
         report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
     return report, figure
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN (an undefined score, e.g. no rollout of that horizon) becomes null: valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _majority(y_train: np.ndarray, y_test: np.ndarray) -> float:
@@ -446,7 +462,7 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
         },
         "models": reports,
     }
-    write_json(out / "eval.json", result)
+    write_json(out / "eval.json", json_safe(result))
     draw(reports, figures, out / "inspection.png")
     text = table(reports)
     print(text)

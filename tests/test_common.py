@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train_jepa import ALIASES, TrainConfig
+from train_jepa import TrainConfig
+from wm_common import SEED000_ALIASES as ALIASES
 from wm_common import (
     UserError,
     atomic_write,
