@@ -320,6 +320,16 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
         tb.copy_(ob)
 
 
+def latent_rollout(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Open loop: z [B,D], actions [B,T] -> predicted latents [B,T,D] for steps 1..T, each
+    prediction fed back as the next input."""
+    out = []
+    for t in range(actions.shape[1]):
+        z = predict(z, actions[:, t])
+        out.append(z)
+    return torch.stack(out, dim=1)
+
+
 # ----------------------------------------------------------------------------- diagnostics
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from wm_common import ema_update, frames_to_float, normalized_mse, vicreg_cov_loss, vicreg_std_loss
+from wm_common import ema_update, frames_to_float, latent_rollout, normalized_mse, vicreg_cov_loss, vicreg_std_loss
 
 
 @dataclass
@@ -113,11 +113,7 @@ class JEPAWorldModel(nn.Module):
 
     def rollout(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop: z [B,D], actions [B,T] -> predicted latents [B,T,D] for steps 1..T."""
-        out = []
-        for t in range(actions.shape[1]):
-            z = self.predict(z, actions[:, t])
-            out.append(z)
-        return torch.stack(out, dim=1)
+        return latent_rollout(self.predict, z, actions)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import ema_update, frames_to_float, vicreg_cov_loss, vicreg_std_loss
+from wm_common import ema_update, frames_to_float, latent_rollout, vicreg_cov_loss, vicreg_std_loss
 from wm_common import fail as raise_user
 
 
@@ -197,11 +197,7 @@ class ViTJEPA(nn.Module):
 
     def rollout(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z [B,D], actions [B,T] -> predicted latents [B,T,D]."""
-        out = []
-        for t in range(actions.shape[1]):
-            z = self.predict(z, actions[:, t])
-            out.append(z)
-        return torch.stack(out, dim=1)
+        return latent_rollout(self.predict, z, actions)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.config
