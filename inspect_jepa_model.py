@@ -139,9 +139,7 @@ def pixel_rollout_errors(
     first = x.clone()
     errors, copies, counts = [], [], []
     for h in HORIZONS:
-        j = starts + h - 1
-        keep = j < n
-        keep[keep] &= episode[j[keep]] == episode[starts[keep]]
+        keep = same_episode(starts, h, episode)
         starts, x, first = starts[keep], x[torch.from_numpy(keep)], first[torch.from_numpy(keep)]
         counts.append(len(starts))
         if len(starts) == 0:
@@ -160,6 +158,15 @@ def pixel_rollout_errors(
         "space": "pixels",
         "normalisation": "pixel MSE / that of the mean frame (1 = chance)",
     }
+
+
+def same_episode(starts: np.ndarray, h: int, episode: np.ndarray) -> np.ndarray:
+    """Mask of the starts whose transition h-1 steps later is still in the same episode (rows
+    are whole episodes in order), i.e. the starts that have an h-step rollout target."""
+    j = starts + h - 1
+    keep = j < len(episode)
+    keep[keep] &= episode[j[keep]] == episode[starts[keep]]
+    return keep
 
 
 def unit_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,9 +200,7 @@ def rollout_errors(
     z = z0.to(device)
     errors, copies, counts = [], [], []
     for h in HORIZONS:
-        j = starts + h - 1
-        keep = j < n
-        keep[keep] &= episode[j[keep]] == episode[starts[keep]]
+        keep = same_episode(starts, h, episode)
         starts, z = starts[keep], z[torch.from_numpy(keep).to(device)]
         counts.append(len(starts))
         if len(starts) == 0:

@@ -42,6 +42,25 @@ def run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
     )
 
 
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The script exited 0 without a traceback."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The contract for user errors: exit 2, one stderr line starting 'error: ' that names the
+    problem (each fragment), no traceback anywhere."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
 def write_npz(path: str | Path, **arrays) -> Path:
     """Writes the given arrays to `path` as an .npz (uncompressed, exactly the given keys)."""
     path = Path(path)

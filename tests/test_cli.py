@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run, write_npz
+from conftest import assert_one_line_error, ok, run, write_npz
 
 LOG_LINE = re.compile(r"^Epoch \d\d \| Batch \d{4} \| Step \d{5} \| Avg Loss \d+\.\d{4}$", re.M)
 LOSS_COLUMNS = ["step", "epoch", "phase", "loss", "pred_loss", "std_loss", "cov_loss", "embedding_std", "effective_rank"]
@@ -20,22 +20,6 @@ TRAIN = ["--batch-size", "16", "--log-every", "5", "--device", "cpu", "--seed", 
 
 def train(data, out_dir, *extra, epochs=2):
     return run("train_jepa.py", "--data", data, "--out-dir", out_dir, "--epochs", str(epochs), *TRAIN, *extra)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
 
 
 def read_rows(run_dir):

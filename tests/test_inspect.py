@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import collect, run
+from conftest import assert_one_line_error, collect, ok, run
 
 from inspect_jepa_model import HORIZONS, linear_probe, probe_labels, probe_suite, rollout_errors, whole_episodes
 from minigrid_dataset import split_episodes
@@ -24,22 +24,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROBE_ACC_KEYS = {"agent_pos_acc", "agent_dir_acc", "goal_pos_acc"}
 TRAIN = ["--batch-size", "16", "--log-every", "5", "--device", "cpu", "--seed", "0", "--epochs", "2"]
 TRAINER_COLLAPSE_LINE = "WARNING: the latents look collapsed"
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
 
 
 def strict_json(path):
