@@ -354,7 +354,8 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
             y0, x0 = (i // cols) * (k + 1), (i % cols) * (k + 1)
             grid[y0 : y0 + k, x0 : x0 + k] = w.transpose(1, 2, 0)
         ax[0].imshow(grid, interpolation="nearest")
-        ax[0].set(title=f"{name}: first conv filters", xticks=[], yticks=[])
+        layer = "first conv filters" if rep["arch"] == "jepa_cnn" else "patch embedding rows"
+        ax[0].set(title=f"{name}: {layer}", xticks=[], yticks=[])
         z = fg["z"] - fg["z"].mean(0)
         _, _, vt = np.linalg.svd(z, full_matrices=False)
         p2 = z @ vt[:2].T
@@ -367,7 +368,9 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
             ax[1].scatter(p2[:, 0], p2[:, 1], s=6)
             ax[1].set_title("latents, PCA")
         ax[2].hist(fg["cos"], bins=40, range=(-1, 1), color="tab:blue")
-        ax[2].set(title=f"cos(z_pred, z_target): mean {rep['pred_cosine']:.3f}", xlabel="cosine")
+        pixels_space = rep["rollout"].get("space") == "pixels"
+        what = "cos(predicted, true next frame)" if pixels_space else "cos(z_pred, z_target)"
+        ax[2].set(title=f"{what}: mean {rep['pred_cosine']:.3f}", xlabel="cosine")
         if rep.get("probe"):
             keys = list(rep["probe"])
             groups = {
@@ -387,9 +390,15 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
             ax[3].set_axis_off()
         ro = rep["rollout"]
         ax[4].plot(ro["horizons"], ro["error"], "o-", label="model rollout")
-        ax[4].plot(ro["horizons"], ro["copy_baseline_error"], "s--", label="copy last latent")
+        ax[4].plot(
+            ro["horizons"],
+            ro["copy_baseline_error"],
+            "s--",
+            label="copy last frame" if rep["rollout"].get("space") == "pixels" else "copy last latent",
+        )
         ax[4].axhline(1.0, color="grey", ls=":", label="chance")
-        ax[4].set(title="open-loop latent error (1 = chance)", xlabel="horizon (steps)", ylim=(0, None))
+        space = "pixel" if pixels_space else "latent"
+        ax[4].set(title=f"open-loop {space} error (1 = chance)", xlabel="horizon (steps)", ylim=(0, None))
         ax[4].legend(fontsize=7)
         s = fg["spectrum"]
         ax[5].semilogy(np.arange(1, len(s) + 1), s / s.max(), ".-")
