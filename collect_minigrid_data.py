@@ -20,7 +20,7 @@ import numpy as np
 
 from wm_common import atomic_write, check_writable_dir, fail, run_cli, to_jsonable
 
-COLLECTOR_VERSION = 1
+COLLECTOR_VERSION = 2
 NAV_ACTIONS = (0, 1, 2)  # MiniGrid's left, right, forward
 
 
@@ -44,6 +44,14 @@ class CollectConfig:
     )
     actions: str = field(
         default="all", metadata={"help": "random policy over all actions, or only left/right/forward", "choices": ["all", "nav"]}
+    )
+    start: str = field(
+        default="env",
+        metadata={
+            "help": "env: the env's own start cell; random: a random empty cell and direction after each reset "
+            "(covers the far cells of layouts such as Empty-NxN whose start never changes)",
+            "choices": ["env", "random"],
+        },
     )
 
 
@@ -96,6 +104,47 @@ def goal_position(base) -> tuple[int, int]:
     return -1, -1
 
 
+def door_state(base) -> int:
+    """State of the first door on the grid in MiniGrid's encoding (0 open, 1 closed, 2 locked),
+    -1 when the layout has no door."""
+    for obj in base.grid.grid:
+        if obj is not None and obj.type == "door":
+            return 0 if obj.is_open else 2 if obj.is_locked else 1
+    return -1
+
+
+def carried(base) -> int:
+    """MiniGrid's object index of what the agent carries, -1 for nothing."""
+    from minigrid.core.constants import OBJECT_TO_IDX
+
+    return -1 if base.carrying is None else OBJECT_TO_IDX[base.carrying.type]
+
+
+def place_agent_randomly(env, rng: np.random.Generator):
+    """Moves the agent to a random empty cell facing a random direction and returns the
+    observation rendered there (the wrappers' observation() re-renders the current state)."""
+    base = env.unwrapped
+    free = [(x, y) for y in range(base.height) for x in range(base.width) if base.grid.get(x, y) is None]
+    base.agent_pos = np.array(free[rng.integers(len(free))])
+    base.agent_dir = int(rng.integers(4))
+    return current_obs(env)
+
+
+def current_obs(env):
+    """The observation of the env's current state through its wrapper chain."""
+    base = env.unwrapped
+    obs = base.gen_obs()
+    wrapper = env
+    chain = []
+    while wrapper is not base:
+        chain.append(wrapper)
+        wrapper = wrapper.env
+    for w in reversed(chain):
+        if hasattr(w, "observation"):
+            obs = w.observation(obs)
+    return obs
+
+
 def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_size: int) -> dict[str, np.ndarray]:
     """One seeded episode. Returns per-step arrays plus `terminal_obs` (the frame after the last
     step)."""
@@ -103,13 +152,17 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
     rng = np.random.default_rng([cfg.seed, episode])
     choices = np.array(NAV_ACTIONS if cfg.actions == "nav" else range(n_actions))
     obs, _ = env.reset(seed=cfg.seed + episode)
+    if cfg.start == "random":
+        obs = place_agent_randomly(env, rng)
     goal = goal_position(base)
     limit = cfg.max_steps if cfg.max_steps is not None else base.max_steps
-    frames, actions, rewards, terms, pos, dirs = [obs], [], [], [], [], []
+    frames, actions, rewards, terms, pos, dirs, doors, carry = [obs], [], [], [], [], [], [], []
     for _ in range(limit):
         a = int(rng.choice(choices))
         pos.append(base.agent_pos)
         dirs.append(base.agent_dir)
+        doors.append(door_state(base))
+        carry.append(carried(base))
         obs, r, terminated, truncated, _ = env.step(a)
         frames.append(obs)
         actions.append(a)
@@ -134,6 +187,8 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
         "agent_pos": np.asarray(pos, np.int64).reshape(t, 2),
         "agent_dir": np.asarray(dirs, np.int64),
         "goal_pos": np.tile(np.asarray(goal, np.int64), (t, 1)),
+        "door_state": np.asarray(doors, np.int64),
+        "carrying": np.asarray(carry, np.int64),
     }
 
 
@@ -192,6 +247,7 @@ def main(cfg: CollectConfig) -> Path:
         "image_shape": frame_shape,
         "tile_size": tile,
         "action_space": {"type": "discrete", "n": n_actions},
+        "start": cfg.start,
         "policy": f"uniform random over {'left/right/forward' if cfg.actions == 'nav' else 'all actions'}",
         "collector_version": COLLECTOR_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -10,6 +10,8 @@ last latent. Writes `eval.json`, `inspection.png` and, for several checkpoints, 
 """
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigrid_dataset import PROBE_KEYS, MiniGridTransitions, split_episodes
+from minigrid_dataset import OPTIONAL_PROBE_KEYS, PROBE_KEYS, MiniGridTransitions, split_episodes
 from wm_common import (
     atomic_write,
     check_writable_dir,
@@ -38,6 +40,11 @@ from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPACon
 MODELS = {"jepa_cnn": (JEPAConfig, JEPAWorldModel), "jepa_vit": (ViTJEPAConfig, ViTJEPA), "encdec_vit": (EncDecConfig, ViTEncoderDecoder)}
 PIXEL_ROLLOUT_STARTS = 512
 HORIZONS = list(range(1, 11))
+# A probe whose baseline (random encoder, pixels or the majority class) already scores this much
+# cannot tell a good representation from a bad one on this data: it is flagged as saturated.
+SATURATED = 0.95
+PROBE_MAX_ITER = 200
+STRIP_STEPS = 8
 
 
 @dataclass
@@ -51,6 +58,10 @@ class InspectConfig:
     batch_size: int = field(default=256, metadata={"help": "batch size for forward passes"})
     device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
     seed: int = field(default=0, metadata={"help": "seed for sub-sampling, the random-encoder baseline and probes"})
+    probe_horizons: list[int] = field(
+        default_factory=lambda: [1, 3, 5],
+        metadata={"help": "probe the model's k-step open-loop predictions for the state k steps ahead", "repeat": True},
+    )
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
@@ -69,32 +80,55 @@ def in_batches(fn, *tensors: torch.Tensor, batch_size: int, device: torch.device
 
 
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> float:
-    """Accuracy on held-out data of a multinomial logistic regression on standardised features."""
+    """Accuracy on held-out data of a multinomial logistic regression on standardised features.
+    The solver stops at PROBE_MAX_ITER: on features that carry no signal it would iterate long
+    for no gain in held-out accuracy, so the not-converged warning is silenced."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(y_train)) < 2:
         return float(np.mean(y_test == y_train[0]))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=1.0, random_state=seed))
-    clf.fit(x_train, y_train)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITER, tol=1e-3, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x_train, y_train)
     return float(clf.score(x_test, y_test))
 
 
-def probe_labels(data: MiniGridTransitions, idx: np.ndarray) -> dict[str, np.ndarray]:
+def probe_keys(data: MiniGridTransitions) -> list[str]:
+    """The probe targets this data has: agent cell, direction, goal cell, and door state / carried
+    object when the layout has any (a column of -1s means the env has no door or objects)."""
+    keys = [k for k in PROBE_KEYS if k in data.fields]
+    return keys + [k for k in OPTIONAL_PROBE_KEYS if k in data.fields and bool((data.fields[k] != -1).any())]
+
+
+def probe_labels(data: MiniGridTransitions, idx: np.ndarray, keys: Sequence[str] = PROBE_KEYS) -> dict[str, np.ndarray]:
     """Class labels per probe target: a cell is one class (x*1000+y), a direction one of 4."""
     out = {}
-    for key in PROBE_KEYS:
+    for key in keys:
         v = data.fields[key].numpy()[idx]
         out[key] = v[:, 0] * 1000 + v[:, 1] if v.ndim == 2 else v
     return out
 
 
 def probe_suite(feats_train: np.ndarray, feats_test: np.ndarray, lab_train: dict, lab_test: dict, seed: int) -> dict[str, float]:
-    res = {}
-    for key in PROBE_KEYS:
-        res[f"{key}_acc"] = linear_probe(feats_train, lab_train[key], feats_test, lab_test[key], seed)
-    return res
+    return {f"{key}_acc": linear_probe(feats_train, lab_train[key], feats_test, lab_test[key], seed) for key in lab_train}
+
+
+def shuffled(labels: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """The control: training labels permuted, so the probe can only learn label frequencies.
+    A probe that scores well above this reads the state from the features, not from chance."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.permutation(v) for k, v in labels.items()}
+
+
+def saturation(baselines: dict[str, dict[str, float]]) -> dict[str, bool]:
+    """Per probe key: does a baseline that knows nothing learned (random encoder, raw pixels, the
+    majority class) already reach SATURATED? Then that probe cannot rank models on this data."""
+    keys = baselines["random_encoder"]
+    return {k: max(baselines[b][k] for b in ("random_encoder", "pixels", "majority_class")) >= SATURATED for k in keys}
 
 
 def pixels(obs: torch.Tensor, size: int = 16) -> np.ndarray:
@@ -221,6 +255,90 @@ def rollout_errors(
     }
 
 
+@torch.no_grad()
+def predicted_features(
+    model, pixel_model: bool, data: MiniGridTransitions, idx: np.ndarray, horizons: list[int], batch_size: int, device: torch.device
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The model's open-loop predictions from obs at rows `idx`, fed its own output with the
+    logged actions. For each h in horizons: (features of the h-step prediction, rows whose obs
+    is the state it predicts), only for starts whose episode lasts past t+h. A JEPA's feature is
+    its predicted latent; the encoder-decoder's is the encoding of its predicted frame."""
+    n, episode = len(data), data.episode
+    actions = data.fields["action"]
+    if pixel_model:
+        scale = model.config.pixel_scale
+        state = data.obs[torch.from_numpy(idx)].permute(0, 3, 1, 2).float() / scale  # [B,C,H,W] frames
+
+        def step(x, a):
+            return model.decode(model.encoder(x)[1], a)
+
+        def features(x):
+            return in_batches(lambda f: model.encoder(f)[0], x, batch_size=batch_size, device=device)
+    else:
+        state = in_batches(model.encode, data.obs[torch.from_numpy(idx)], batch_size=batch_size, device=device)  # [B,D]
+        step = model.predict
+
+        def features(z):
+            return z
+
+    out = {}
+    for h in range(1, max(horizons) + 1):
+        a = actions[torch.from_numpy(np.minimum(idx + h - 1, n - 1))]
+        state = in_batches(step, state, a, batch_size=batch_size, device=device)
+        if h in horizons:
+            target = idx + h
+            valid = target < n
+            valid[valid] &= episode[target[valid]] == episode[idx[valid]]
+            out[h] = (features(state[torch.from_numpy(valid)]).numpy(), target[valid])
+    return out
+
+
+def predicted_probes(
+    model, pixel_model: bool, data, train_idx, test_idx, z_train, z_test, keys, cfg: InspectConfig, device
+) -> dict[str, Any]:
+    """Does the prediction know where the agent will be? Probes fitted on the training episodes'
+    h-step predictions, scored on held-out ones, for the state at t+h; next to the same probe on
+    the latent of obs_t (what is known without predicting)."""
+    keys = [k for k in keys if k != "goal_pos"]  # the goal does not move: nothing to predict
+    horizons = sorted(set(cfg.probe_horizons))
+    pred_tr = predicted_features(model, pixel_model, data, train_idx, horizons, cfg.batch_size, device)
+    pred_te = predicted_features(model, pixel_model, data, test_idx, horizons, cfg.batch_size, device)
+    res: dict[str, Any] = {"horizons": horizons, **{f"{k}_acc": [] for k in keys}, "from_current_latent": {f"{k}_acc": [] for k in keys}}
+    res["num_test"] = []
+    for h in horizons:
+        (f_tr, rows_tr), (f_te, rows_te) = pred_tr[h], pred_te[h]
+        res["num_test"].append(len(rows_te))
+        if len(rows_tr) == 0 or len(rows_te) == 0:
+            for k in keys:
+                res[f"{k}_acc"].append(float("nan"))
+                res["from_current_latent"][f"{k}_acc"].append(float("nan"))
+            continue
+        lab_tr, lab_te = probe_labels(data, rows_tr, keys), probe_labels(data, rows_te, keys)
+        for k, acc in probe_suite(f_tr, f_te, lab_tr, lab_te, cfg.seed).items():
+            res[k].append(acc)
+        cur_tr, cur_te = z_train[np.isin(train_idx, rows_tr - h)], z_test[np.isin(test_idx, rows_te - h)]
+        for k, acc in probe_suite(cur_tr, cur_te, lab_tr, lab_te, cfg.seed).items():
+            res["from_current_latent"][k].append(acc)
+    res["note"] = "labels are the state at t+h; from_current_latent probes the latent of obs_t for the same labels"
+    return res
+
+
+@torch.no_grad()
+def frame_strip(model, data: MiniGridTransitions, test_idx: np.ndarray, device: torch.device) -> dict[str, np.ndarray] | None:
+    """The encoder-decoder's open-loop rollout from the first held-out start with STRIP_STEPS
+    steps left in its episode: true frames t+1..t+k over the predicted ones, uint8 [k,H,W,C]."""
+    episode = data.episode
+    for i in test_idx:
+        last = i + STRIP_STEPS - 1
+        if last < len(data) and episode[last] == episode[i]:
+            rows = torch.arange(i, last + 1)
+            obs, actions = data.obs[rows[:1]].to(device), data.fields["action"][rows][None].to(device)
+            pred = model.rollout_frames(obs, actions)[0]  # [k,C,H,W] in [0,1]
+            pred = (pred.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            return {"true": data.next_obs(rows).numpy(), "pred": pred}
+    return None
+
+
 def whole_episodes(idx: np.ndarray, episode: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Whole episodes from idx, in random order, until about k transitions: rollouts need every
     step of an episode, so the held-out set is cut at episode boundaries."""
@@ -272,7 +390,8 @@ def inspect_model(
         "checkpoint_epoch": int(ckpt["epoch"]),
         "reg": ckpt["model_config"].get("reg"),
         "latent_dim": dim,
-        "evaluated_on": "held-out episodes of the training data" if same_data else "another dataset (all episodes unseen in training)",
+        "trained_on": {k: ckpt["data_meta"].get(k) for k in ("path", "env", "obs_mode", "seed", "episodes", "start")},
+        "evaluated_on": "held-out episodes of the training data" if same_data else evaluated_elsewhere(ckpt["data_meta"], data.meta),
         "num_eval_transitions": len(test_idx),
         "pred_loss": pred_loss,
         "pred_space": "pixels (MSE of the next frame in [0,1])" if pixel_model else "latent (MSE of unit vectors)",
@@ -291,8 +410,9 @@ def inspect_model(
         "max": float(conv.max()),
     }
     figure = {"z": z_te.numpy(), "cos": cos.numpy(), "conv": conv.numpy(), "spectrum": torch.linalg.svdvals(z_te).numpy()}
-    if all(k in data.fields for k in PROBE_KEYS):
-        lab_tr, lab_te = probe_labels(data, train_idx), probe_labels(data, test_idx)
+    keys = probe_keys(data)
+    if keys:
+        lab_tr, lab_te = probe_labels(data, train_idx, keys), probe_labels(data, test_idx, keys)
         z_tr = in_batches(model.encode, data.obs[tr], batch_size=bs, device=device)
         report["probe"] = probe_suite(z_tr.numpy(), z_te.numpy(), lab_tr, lab_te, cfg.seed)
         seed_everything(cfg.seed)
@@ -302,17 +422,46 @@ def inspect_model(
         report["baselines"] = {
             "random_encoder": probe_suite(r_tr.numpy(), r_te.numpy(), lab_tr, lab_te, cfg.seed),
             "pixels": probe_suite(pixels(data.obs[tr]), pixels(obs_te), lab_tr, lab_te, cfg.seed),
-            "majority_class": {f"{k}_acc": _majority(lab_tr[k], lab_te[k]) for k in PROBE_KEYS},
+            "majority_class": {f"{k}_acc": _majority(lab_tr[k], lab_te[k]) for k in keys},
+            "shuffled_labels": probe_suite(z_tr.numpy(), z_te.numpy(), shuffled(lab_tr, cfg.seed), lab_te, cfg.seed),
         }
+        report["probe_saturated"] = saturation(report["baselines"])
+        flagged = [k.removesuffix("_acc") for k, v in report["probe_saturated"].items() if v]
+        if flagged:
+            report["probe_note"] = (
+                f"saturated: a baseline already scores >= {SATURATED} on {', '.join(flagged)}, so these probes cannot separate "
+                "models on this data (try --obs rgb_partial data, the predicted-latent probes, or another layout)"
+            )
+        if cfg.probe_horizons:
+            report["probe_predicted"] = predicted_probes(
+                model, pixel_model, data, train_idx, test_idx, z_tr.numpy(), z_te.numpy(), keys, cfg, device
+            )
         figure["agent_pos"] = data.fields["agent_pos"][te].numpy()
     else:
         report["probe"] = None
         report["probe_note"] = "the data has no agent_pos/agent_dir/goal_pos: probes skipped"
     if pixel_model:
+        figure["strip"] = frame_strip(model, data, test_idx, device)
+    if pixel_model:
         report["rollout"] = pixel_rollout_errors(model, obs_te, act_te, next_te, data.episode[test_idx], device, bs)
     else:
         report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
     return report, figure
+
+
+def evaluated_elsewhere(trained: dict, evaluated: dict) -> str:
+    """What a dataset other than the training one tests: the same env with other seeds (unseen
+    layouts where the env randomises them), or another env altogether."""
+    env, other = trained.get("env"), evaluated.get("env")
+    if env and other and env != other:
+        return f"another env: {other} (trained on {env}); probes fitted and scored on its episodes"
+    seeds = [trained.get("seed"), trained.get("episodes"), evaluated.get("seed"), evaluated.get("episodes")]
+    if all(isinstance(v, int) for v in seeds):
+        a0, na, b0, nb = seeds
+        if max(a0, b0) < min(a0 + na, b0 + nb):
+            return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1} overlap training's {a0}..{a0 + na - 1}"
+        return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1}, none used in training ({a0}..{a0 + na - 1})"
+    return "another dataset (its provenance is not recorded)"
 
 
 def json_safe(obj: Any) -> Any:
@@ -333,16 +482,24 @@ def _majority(y_train: np.ndarray, y_test: np.ndarray) -> float:
 
 def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> None:
     """One row per model: first-layer filters, PCA of latents coloured by agent cell, cosine of
-    z_pred vs z_target, probe accuracy vs baselines, rollout error vs horizon, spectrum."""
+    z_pred vs z_target, probe accuracy vs baselines, probes of predictions vs horizon, rollout
+    error vs horizon, spectrum; below an encoder-decoder's row, its rollout as an image strip."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(reports)
-    fig, axes = plt.subplots(rows, 6, figsize=(25, 4.2 * rows), squeeze=False)
-    for r, (name, rep) in enumerate(reports.items()):
-        fg, ax = figures[name], axes[r]
+    strips = [name for name in reports if figures[name].get("strip") is not None]
+    heights = [h for name in reports for h in ([1.0, 0.5] if name in strips else [1.0])]
+    fig = plt.figure(figsize=(29, 4.2 * sum(heights)))
+    layout = fig.add_gridspec(len(heights), 7, height_ratios=heights)
+    row = 0
+    for name, rep in reports.items():
+        fg = figures[name]
+        ax = [fig.add_subplot(layout[row, c]) for c in range(7)]
+        if name in strips:
+            _draw_strip(fig.add_subplot(layout[row + 1, :]), fg["strip"], name)
+        row += 1 + (name in strips)
         conv = fg["conv"]  # [out, in, k, k]
         k = conv.shape[-1]
         n_show = min(32, conv.shape[0])
@@ -378,6 +535,7 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
                 "random encoder": rep["baselines"]["random_encoder"],
                 "pixels 16x16": rep["baselines"]["pixels"],
                 "majority class": rep["baselines"]["majority_class"],
+                "shuffled labels": rep["baselines"]["shuffled_labels"],
             }
             width = 0.8 / len(groups)
             for j, (label, vals) in enumerate(groups.items()):
@@ -388,6 +546,8 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
         else:
             ax[3].text(0.5, 0.5, "no probe labels in data", ha="center")
             ax[3].set_axis_off()
+        _draw_predicted_probes(ax[4], rep.get("probe_predicted"))
+        ax = ax[:4] + ax[5:]
         ro = rep["rollout"]
         ax[4].plot(ro["horizons"], ro["error"], "o-", label="model rollout")
         ax[4].plot(
@@ -409,13 +569,63 @@ def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> N
     plt.close(fig)
 
 
+def _draw_predicted_probes(ax, pp: dict | None) -> None:
+    if not pp:
+        ax.text(0.5, 0.5, "no predicted-latent probes", ha="center")
+        ax.set_axis_off()
+        return
+    for j, key in enumerate(k for k in pp if k.endswith("_acc")):
+        colour = f"C{j}"
+        label = key.removesuffix("_acc")
+        ax.plot(pp["horizons"], pp[key], "o-", color=colour, label=f"{label}: prediction")
+        ax.plot(pp["horizons"], pp["from_current_latent"][key], "s:", color=colour, label=f"{label}: latent of obs_t")
+    ax.set(title="probe of the state at t+h", xlabel="horizon h (steps)", ylabel="held-out accuracy", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+
+
+def _draw_strip(ax, strip: dict[str, np.ndarray], name: str) -> None:
+    def side_by_side(frames: np.ndarray) -> np.ndarray:  # [k,H,W,C] -> [H, k*(W+2), C], white gaps
+        return (
+            np.pad(frames, ((0, 0), (0, 0), (0, 2), (0, 0)), constant_values=255)
+            .transpose(1, 0, 2, 3)
+            .reshape(frames.shape[1], -1, frames.shape[3])
+        )
+
+    top, bottom = side_by_side(strip["true"]), side_by_side(strip["pred"])
+    image = np.concatenate([top, np.full((4, *top.shape[1:]), 255, np.uint8), bottom])
+    ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", interpolation="nearest")
+    ax.set(title=f"{name}: true frames t+1..t+{len(strip['true'])} (top) and the open-loop rollout (bottom)", xticks=[], yticks=[])
+
+
 def table(reports: dict[str, dict]) -> str:
-    head = "| model | arch | pred loss | pred cos | latent std | RankMe | collapsed | agent cell | dir | goal | rollout@1 | @5 | @10 | copy@5 |"
+    """Markdown comparison. A probe cell reads `model (random encoder, pixels)`; `*` marks a
+    saturated probe (a baseline already >= SATURATED)."""
+    head = (
+        "| model | arch | pred loss | pred cos | latent std | RankMe | collapsed | agent cell (rand, px) | dir (rand, px) "
+        "| goal (rand, px) | shuffled-label cell | predicted cell @h (obs_t) | rollout@1 | @5 | @10 | copy@5 |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    saturated_any = False
     for name, r in reports.items():
         p = r.get("probe") or {}
         ro = dict(zip(r["rollout"]["horizons"], r["rollout"]["error"], strict=True))
         cp = dict(zip(r["rollout"]["horizons"], r["rollout"]["copy_baseline_error"], strict=True))
+        probes = []
+        for k in ("agent_pos_acc", "agent_dir_acc", "goal_pos_acc"):
+            if k not in p:
+                probes.append("-")
+                continue
+            b = r["baselines"]
+            star = "*" if r["probe_saturated"][k] else ""
+            saturated_any |= bool(star)
+            probes.append(f"{p[k]:.2f}{star} ({b['random_encoder'][k]:.2f}, {b['pixels'][k]:.2f})")
+        shuffled_cell = f"{r['baselines']['shuffled_labels']['agent_pos_acc']:.2f}" if p else "-"
+        pp = r.get("probe_predicted")
+        if pp and "agent_pos_acc" in pp:
+            h = pp["horizons"][-1]
+            predicted = f"{_fmt(pp['agent_pos_acc'][-1])} @{h} ({_fmt(pp['from_current_latent']['agent_pos_acc'][-1])})"
+        else:
+            predicted = "-"
         cells = [
             name,
             r["arch"],
@@ -424,19 +634,28 @@ def table(reports: dict[str, dict]) -> str:
             f"{r['embedding_std']:.4f}",
             f"{r['effective_rank']:.1f}",
             "yes" if r["collapse_warning"] else "no",
-            *(f"{p[k]:.2f}" if k in p else "-" for k in ("agent_pos_acc", "agent_dir_acc", "goal_pos_acc")),
-            f"{ro[1]:.3f}",
-            f"{ro[5]:.3f}",
-            f"{ro[10]:.3f}",
-            f"{cp[5]:.3f}",
+            *probes,
+            shuffled_cell,
+            predicted,
+            *(_fmt(v, 3) for v in (ro[1], ro[5], ro[10], cp[5])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if saturated_any:
+        lines.append(
+            f"\n`*` saturated: a random encoder, raw pixels or the majority class already scores >= {SATURATED}; that probe cannot rank models on this data."
+        )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def main(cfg: InspectConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         fail("give at least one --checkpoint (a run directory such as checkpoints/jepa_cnn, or its model.pt)")
+    if any(h < 1 for h in cfg.probe_horizons):
+        fail(f"--probe-horizons must be steps ahead >= 1, got {cfg.probe_horizons}")
     ckpts = {}
     for path in cfg.checkpoint:
         ckpt = load_checkpoint(path)
@@ -464,6 +683,21 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
         print(
             f"  latents: per-dim std {r['embedding_std']:.4f} (uniform {r['embedding_std_uniform']:.4f}), RankMe {r['effective_rank']:.1f}"
         )
+        if r.get("probe"):
+            b = r["baselines"]
+            for k, acc in r["probe"].items():
+                flag = "  (saturated)" if r["probe_saturated"][k] else ""
+                print(
+                    f"  probe {k.removesuffix('_acc'):10s} {acc:.2f} | random encoder {b['random_encoder'][k]:.2f}, pixels "
+                    f"{b['pixels'][k]:.2f}, majority {b['majority_class'][k]:.2f}, shuffled labels {b['shuffled_labels'][k]:.2f}{flag}"
+                )
+        if r.get("probe_predicted"):
+            pp = r["probe_predicted"]
+            for k in (k for k in pp if k.endswith("_acc")):
+                row = ", ".join(
+                    f"@{h} {_fmt(a)} ({_fmt(c)})" for h, a, c in zip(pp["horizons"], pp[k], pp["from_current_latent"][k], strict=True)
+                )
+                print(f"  predicted {k.removesuffix('_acc'):9s} {row}   (in brackets: the latent of obs_t)")
         if r["collapse_warning"]:
             print("  WARNING: collapsed latents: the low prediction loss is meaningless (train with --reg vicreg)")
     result = {
@@ -471,6 +705,8 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
             "path": str(data_path),
             "env": data.meta.get("env"),
             "obs_mode": data.meta.get("obs_mode"),
+            "seed": data.meta.get("seed"),
+            "episodes": data.meta.get("episodes"),
             "transitions": len(data),
             "notes": data.notes,
         },

@@ -23,6 +23,8 @@ from wm_common import fail, run_cli
 
 LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
 PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
+# probed only when the layout has them (a door, objects to pick up); -1 means none
+OPTIONAL_PROBE_KEYS = ("door_state", "carrying")
 
 
 def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
@@ -102,7 +104,8 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         notes.append("no 'episode' key: episodes recovered from 'done'")
     elif arrays["episode"].shape != (n,) or not np.issubdtype(arrays["episode"].dtype, np.integer):
         fail(f"{path}: 'episode' must be integers [{n}], got {arrays['episode'].dtype} {list(arrays['episode'].shape)}")
-    for key, shape in (("agent_pos", (n, 2)), ("agent_dir", (n,)), ("goal_pos", (n, 2)), ("step", (n,))):
+    shapes = {"agent_pos": (n, 2), "agent_dir": (n,), "goal_pos": (n, 2), "step": (n,), "door_state": (n,), "carrying": (n,)}
+    for key, shape in shapes.items():
         if key in arrays and arrays[key].shape != shape:
             fail(f"{path}: '{key}' must have shape {list(shape)}, got {list(arrays[key].shape)}")
     if any(k not in arrays for k in PROBE_KEYS):
