@@ -1,0 +1,487 @@
+"""Step 7: reach goals by planning with a trained world model (latent MPC), against a random
+policy and a shortest-path oracle.
+
+    python plan_with_world_model.py --checkpoint checkpoints/jepa_cnn --env MiniGrid-Empty-8x8-v0
+
+The goal is the observation of the agent standing on the goal cell (rendered through the same
+observation wrappers as the data, one frame per facing direction) or a `--goal-obs` image. At each
+step the planner imagines action sequences with the model from the current observation, scores
+them, executes the first action of the best and plans again (receding horizon).
+
+Planners: `exhaustive` scores every sequence of `--horizon` actions; `cem` samples sequences from
+per-step categorical distributions refitted to the elites. All candidates are rolled out as one
+batch: one model call per imagined step. Costs: `latent` is the distance between an imagined
+latent and the nearest goal latent (unit-vector squared distance; pixel MSE for the
+encoder-decoder), aggregated over the horizon by `--aggregate` (min, final or sum); `graph` is
+the number of steps from the imagined state to the goal on a graph whose nodes are the distinct
+frames of the training data (plus the goal frames) and whose edges are the model's own one-step
+predictions, each snapped to the nearest node, so imagined states are re-grounded on real ones
+instead of drifting over long rollouts.
+"""
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly, resize_frames
+from inspect_jepa_model import model_from_checkpoint
+from minigrid_dataset import MiniGridTransitions
+from wm_common import (
+    atomic_write,
+    check_writable_dir,
+    choose_device,
+    fail,
+    load_checkpoint,
+    run_cli,
+    seed_everything,
+    write_json,
+)
+
+UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
+PATHS_DRAWN = 4
+
+
+@dataclass
+class PlanConfig:
+    checkpoint: str = field(default="checkpoints/jepa_cnn", metadata={"help": "run directory or model.pt of a trained world model"})
+    env: str = field(default="", metadata={"help": "MiniGrid env id (default: the env the checkpoint's data came from)"})
+    episodes: int = field(default=20, metadata={"help": "episodes to plan (and the same starts for the random policy)"})
+    seed: int = field(
+        default=1000, metadata={"help": "episode e resets with seed+e (default 1000: seeds the collector's default did not use)"}
+    )
+    out_dir: str = field(default="planning", metadata={"help": "where plan.json and plan.png go"})
+    planner: str = field(default="exhaustive", metadata={"help": "search over action sequences", "choices": ["exhaustive", "cem"]})
+    horizon: int = field(default=3, metadata={"help": "imagined steps per plan"})
+    cost: str = field(
+        default="graph",
+        metadata={
+            "help": "latent: distance to the goal latent; graph: steps to the goal on the model's graph of data frames",
+            "choices": ["latent", "graph"],
+        },
+    )
+    aggregate: str = field(
+        default="min", metadata={"help": "how per-step costs over the horizon combine", "choices": ["min", "final", "sum"]}
+    )
+    samples: int = field(default=256, metadata={"help": "cem: sequences sampled per iteration"})
+    iterations: int = field(default=4, metadata={"help": "cem: refits of the sampling distribution"})
+    elites: int = field(default=32, metadata={"help": "cem: best sequences the distribution is refitted to"})
+    start: str = field(
+        default="random",
+        metadata={"help": "env: the env's own start; random: a random empty cell and direction", "choices": ["env", "random"]},
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "step limit per episode (default: the env's own)"})
+    goal_obs: str = field(default="", metadata={"help": "goal image (.png or .npy, HxWxC) instead of the rendered goal state"})
+    graph_data: str = field(default="", metadata={"help": "cost graph: frames for the nodes (default: the checkpoint's training data)"})
+    device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
+
+
+class Imagination:
+    """The world model as the planner sees it. `start` maps frames to the state the model steps
+    from, `step` advances states by actions, `embed` maps states to vectors comparable with
+    `target(frames)`. A JEPA's state is its latent (predictions live in the target encoder's
+    space); the encoder-decoder's is a frame, and its vectors are pixels."""
+
+    def __init__(self, model: torch.nn.Module, arch: str, device: torch.device):
+        self.model, self.device, self.pixels = model, device, arch == "encdec_vit"
+
+    @torch.no_grad()
+    def start(self, frames: torch.Tensor) -> torch.Tensor:
+        frames = frames.to(self.device)
+        if self.pixels:
+            return frames.permute(0, 3, 1, 2).float() / self.model.config.pixel_scale  # [B,C,H,W]
+        return self.model.encode(frames)  # [B,D]
+
+    @torch.no_grad()
+    def target(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.pixels:
+            return self.start(frames).flatten(1)
+        return F.normalize(self.model.encode_target(frames.to(self.device)), dim=-1)
+
+    @torch.no_grad()
+    def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        action = action.to(self.device)
+        if self.pixels:
+            return self.model.decode(self.model.encoder(state)[1], action)
+        return self.model.predict(state, action)
+
+    def embed(self, state: torch.Tensor) -> torch.Tensor:
+        return state.flatten(1) if self.pixels else F.normalize(state, dim=-1)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[S,F] x [G,F] -> [S,G]: pixel MSE, or squared distance of unit latents."""
+        d = torch.cdist(a, b).pow(2)
+        return d / a.shape[1] if self.pixels else d
+
+
+class LatentGraph:
+    """Nodes: distinct frames (the data's plus the goal frames). Edges: for each node and action,
+    the model's one-step prediction snapped to the nearest node. `cost_to_goal` holds each
+    node's number of steps to a goal node (UNREACHABLE if none)."""
+
+    def __init__(self, imagination: Imagination, frames: np.ndarray, goal_frames: np.ndarray, actions: list[int], batch: int = 512):
+        first = {}
+        for i, f in enumerate(np.concatenate([frames, goal_frames])):
+            first.setdefault(f.tobytes(), i)
+        nodes = np.concatenate([frames, goal_frames])[sorted(first.values())]
+        self.imagination, self.actions = imagination, actions
+        self.index = {f.tobytes(): i for i, f in enumerate(nodes)}
+        # a goal frame the data already holds (an episode that reached the goal) is that node
+        self.goal_nodes = np.array(sorted({self.index[g.tobytes()] for g in goal_frames}))
+        t = torch.from_numpy(nodes)
+        self.vectors = torch.cat([imagination.target(t[i : i + batch]) for i in range(0, len(t), batch)])  # [U,F]
+        self.edges = np.zeros((len(nodes), len(actions)), np.int64)  # [U,A] node reached by action j
+        for j, a in enumerate(actions):
+            for i in range(0, len(t), batch):
+                state = imagination.start(t[i : i + batch])
+                nxt = imagination.step(state, torch.full((len(state),), a))
+                self.edges[i : i + len(state), j] = self.snap(imagination.embed(nxt)).cpu().numpy()
+        self.cost_to_goal = self._steps_to_goal()
+
+    def snap(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[S,F] -> index of the nearest node [S]."""
+        return self.imagination.distance(vectors, self.vectors).argmin(dim=1)
+
+    def _steps_to_goal(self) -> np.ndarray:
+        preds: list[list[int]] = [[] for _ in range(len(self.edges))]
+        for u, row in enumerate(self.edges):
+            for v in set(row.tolist()):
+                preds[v].append(u)
+        cost = np.full(len(self.edges), UNREACHABLE, np.int64)
+        cost[self.goal_nodes] = 0
+        queue = deque(self.goal_nodes.tolist())
+        while queue:
+            v = queue.popleft()
+            for u in preds[v]:
+                if cost[u] == UNREACHABLE:
+                    cost[u] = cost[v] + 1
+                    queue.append(u)
+        return cost
+
+    def edge_accuracy(self, data: MiniGridTransitions) -> float | None:
+        """Fraction of the data's transitions (frame, action -> next frame) that the model's graph
+        reproduces: how far its one-step predictions can be trusted for planning."""
+        obs, nxt, act = data.obs.numpy(), data.next_obs(torch.arange(len(data))).numpy(), data.fields["action"].numpy()
+        column = {a: j for j, a in enumerate(self.actions)}
+        hits = total = 0
+        for o, n, a in zip(obs, nxt, act, strict=True):
+            if int(a) not in column:
+                continue
+            total += 1
+            hits += self.edges[self.index[o.tobytes()], column[int(a)]] == self.index.get(n.tobytes(), -1)
+        return hits / total if total else None
+
+
+class Planner:
+    """Receding-horizon search over discrete action sequences, every candidate imagined in one
+    batch per step."""
+
+    def __init__(self, cfg: PlanConfig, imagination: Imagination, actions: list[int], graph: LatentGraph | None, seed: int):
+        self.cfg, self.imagination, self.actions, self.graph = cfg, imagination, torch.tensor(actions), graph
+        self.goal: torch.Tensor | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        if cfg.planner == "exhaustive":
+            self.all_sequences = torch.tensor(list(itertools.product(range(len(actions)), repeat=cfg.horizon)))  # [A^H,H]
+
+    def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
+        s, horizon = choice.shape
+        per_step = []
+        if self.cfg.cost == "graph":
+            # Re-grounded imagination: the frame snaps to its node and each imagined step follows
+            # the model's own one-step edge, so errors do not compound over the horizon.
+            node = self.graph.snap(self.imagination.target(frame)).cpu().numpy().repeat(s)
+            for h in range(horizon):
+                node = self.graph.edges[node, choice[:, h].numpy()]
+                per_step.append(torch.from_numpy(self.graph.cost_to_goal[node]).float() + h + 1)
+        else:
+            state = self.imagination.start(frame)
+            state = state.expand(s, *state.shape[1:])
+            for h in range(horizon):
+                state = self.imagination.step(state, self.actions[choice[:, h]])
+                per_step.append(self.imagination.distance(self.imagination.embed(state), self.goal).min(dim=1).values.cpu())
+        costs = torch.stack(per_step, dim=1)  # [S,H]
+        if self.cfg.aggregate == "final":
+            return costs[:, -1]
+        if self.cfg.aggregate == "sum":
+            return costs.sum(1)
+        # min over the horizon; among equal minima the earlier arrival wins
+        return costs.min(1).values + 1e-6 * costs.argmin(1).float()
+
+    def act(self, frame: torch.Tensor) -> int:
+        if self.cfg.planner == "exhaustive":
+            seqs = self.all_sequences
+            best = seqs[self.scores(frame, seqs).argmin()]
+        else:
+            best = self.cem(frame)
+        return int(self.actions[best[0]])
+
+    def cem(self, frame: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        probs = torch.full((cfg.horizon, len(self.actions)), 1 / len(self.actions))
+        best, best_cost = None, float("inf")
+        for _ in range(cfg.iterations):
+            seqs = torch.multinomial(probs, cfg.samples, replacement=True, generator=self.generator).T  # [S,H]
+            costs = self.scores(frame, seqs)
+            elite = seqs[costs.argsort()[: cfg.elites]]
+            if costs.min() < best_cost:
+                best, best_cost = seqs[costs.argmin()], float(costs.min())
+            counts = F.one_hot(elite, len(self.actions)).float().mean(0)  # [H,A]
+            probs = 0.9 * counts + 0.1 / len(self.actions)  # keep every action possible
+        return best
+
+
+def oracle_steps(base) -> dict[tuple[int, int, int], int]:
+    """Shortest number of left/right/forward steps from every (x, y, dir) to the goal cell on
+    the true grid (breadth-first search backwards from the goal)."""
+    from minigrid.core.constants import DIR_TO_VEC
+
+    gx, gy = goal_position(base)
+
+    def passable(x: int, y: int) -> bool:
+        cell = base.grid.get(x, y)
+        return cell is None or (cell.can_overlap() and cell.type != "lava")
+
+    states = [(x, y, d) for x in range(base.width) for y in range(base.height) for d in range(4) if passable(x, y)]
+    preds: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {s: [] for s in states}
+    for x, y, d in states:
+        dx, dy = DIR_TO_VEC[d]
+        ahead = (x + dx, y + dy, d) if passable(x + dx, y + dy) else (x, y, d)
+        for nxt in ((x, y, (d - 1) % 4), (x, y, (d + 1) % 4), ahead):
+            preds[nxt].append((x, y, d))
+    dist = {(gx, gy, d): 0 for d in range(4)} if (gx, gy) != (-1, -1) else {}
+    queue = deque(dist)
+    while queue:
+        s = queue.popleft()
+        for p in preds.get(s, []):
+            if p not in dist:
+                dist[p] = dist[s] + 1
+                queue.append(p)
+    return dist
+
+
+def goal_frames(env, image_size: int | None) -> np.ndarray:
+    """The observation with the agent on the goal cell, once per facing direction, rendered through
+    the env's own wrappers so it matches a real observation there exactly; [4,H,W,C] uint8."""
+    base = env.unwrapped
+    pos, direction = np.array(base.agent_pos), base.agent_dir
+    base.agent_pos = np.array(goal_position(base))
+    frames = []
+    for d in range(4):
+        base.agent_dir = d
+        frames.append(current_obs(env))
+    base.agent_pos, base.agent_dir = pos, direction
+    return to_frames(np.stack(frames), image_size)
+
+
+def to_frames(raw: np.ndarray, image_size: int | None) -> np.ndarray:
+    return raw if image_size is None else resize_frames(raw, image_size)
+
+
+def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
+    """A user's goal image as uint8 [1,H,W,C] of the model's frame shape."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--goal-obs {path} not found")
+    try:
+        if p.suffix == ".npy":
+            img = np.load(p, allow_pickle=False)
+        else:
+            import matplotlib.image
+
+            img = matplotlib.image.imread(p)
+    except Exception as e:
+        fail(f"--goal-obs {path} is not a readable image ({type(e).__name__}); give a .png or a .npy array HxWxC")
+    if img.dtype != np.uint8:
+        img = np.clip(np.round(np.asarray(img, np.float64) * (255 if img.max() <= 1 else 1)), 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[-1] == 4 and shape[-1] == 3:
+        img = img[..., :3]
+    if list(img.shape) != list(shape):
+        fail(f"--goal-obs {path} has shape {list(img.shape)} but the model takes frames {shape}")
+    return img[None]
+
+
+def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfig, e: int, image_size, goal_obs) -> dict[str, Any]:
+    """One episode from the seeded start: the planner's when given, else a uniform random policy
+    over the same actions."""
+    base = env.unwrapped
+    obs, _ = env.reset(seed=cfg.seed + e)
+    rng = np.random.default_rng([cfg.seed, e])
+    if cfg.start == "random":
+        obs = place_agent_randomly(env, rng)
+    oracle = oracle_steps(base)
+    start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
+    limit = cfg.max_steps or base.max_steps
+    if planner is not None:
+        goals = torch.from_numpy(goal_obs if goal_obs is not None else goal_frames(env, image_size))
+        planner.goal = planner.imagination.target(goals)
+    act_rng = np.random.default_rng([cfg.seed, e, 1])
+    path, reward, t0 = [start[:2]], 0.0, time.perf_counter()
+    for _ in range(limit):
+        if planner is None:
+            a = int(act_rng.choice(actions))
+        else:
+            a = planner.act(torch.from_numpy(to_frames(obs[None], image_size)))
+        obs, reward, terminated, truncated, _ = env.step(a)
+        path.append((int(base.agent_pos[0]), int(base.agent_pos[1])))
+        if terminated or truncated:
+            break
+    return {
+        "seed": cfg.seed + e,
+        "start": list(start),
+        "goal": list(goal_position(base)),
+        "success": bool(reward > 0),
+        "steps": len(path) - 1,
+        "oracle_steps": oracle.get(start),
+        "seconds": time.perf_counter() - t0,
+        "path": path,
+    }
+
+
+def summarise(runs: list[dict], prefix: str = "") -> dict[str, Any]:
+    wins = [r for r in runs if r["success"]]
+    ratios = [r["steps"] / r["oracle_steps"] for r in wins if r["oracle_steps"]]
+    return {
+        f"{prefix}success_rate": len(wins) / len(runs),
+        f"{prefix}mean_steps": float(np.mean([r["steps"] for r in wins])) if wins else None,
+        f"{prefix}steps_over_oracle": float(np.mean(ratios)) if ratios else None,
+    }
+
+
+def draw(env_id: str, env, episodes: list[dict], out_png: Path) -> None:
+    """The first episodes' paths drawn over the grid: start (circle), goal (star), path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = episodes[:PATHS_DRAWN]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4.3), squeeze=False)
+    base = env.unwrapped
+    for ax, ep in zip(axes[0], shown, strict=False):
+        env.reset(seed=ep["seed"])
+        tile = 16
+        ax.imshow(base.grid.render(tile, agent_pos=(-1, -1), agent_dir=0))
+        xy = (np.array(ep["path"]) + 0.5) * tile
+        ax.plot(xy[:, 0], xy[:, 1], "-", color="tab:cyan", lw=2, alpha=0.8)
+        ax.plot(*xy[0], "o", color="tab:orange", ms=10)
+        ax.plot(*(np.array(ep["goal"]) + 0.5) * tile, "*", color="yellow", ms=16, mec="k")
+        verdict = "reached" if ep["success"] else "failed"
+        ax.set(title=f"seed {ep['seed']}: {verdict} in {ep['steps']} steps (oracle {ep['oracle_steps']})", xticks=[], yticks=[])
+    fig.suptitle(env_id)
+    fig.tight_layout()
+    atomic_write(out_png, lambda p: fig.savefig(p, dpi=80, format="png"))
+    plt.close(fig)
+
+
+def main(cfg: PlanConfig) -> dict[str, Any]:
+    for name in ("episodes", "horizon", "samples", "iterations", "elites"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.elites > cfg.samples:
+        fail(f"--elites ({cfg.elites}) cannot exceed --samples ({cfg.samples})")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    meta = ckpt["data_meta"]
+    env_id = cfg.env or meta.get("env") or fail("the checkpoint does not record its env; pass --env")
+    obs_mode = meta.get("obs_mode", "rgb")
+    image_size = None if obs_mode == "symbolic" else (meta.get("config") or {}).get("image_size", meta.get("frame_shape", [64])[0])
+    env, _ = make_env(env_id, obs_mode, image_size or 64)
+    if goal_position(env.unwrapped) == (-1, -1) and not cfg.goal_obs:
+        env.reset(seed=cfg.seed)
+    if goal_position(env.unwrapped) == (-1, -1):
+        fail(f"{env_id} has no goal cell to plan to; pick an env with a goal square (e.g. MiniGrid-Empty-8x8-v0, MiniGrid-FourRooms-v0)")
+    frame_shape = list(meta.get("frame_shape") or [])
+    sample = to_frames(env.reset(seed=cfg.seed)[0][None], image_size)
+    if frame_shape and list(sample.shape[1:]) != frame_shape:
+        fail(f"{env_id} renders frames {list(sample.shape[1:])} but the model takes {frame_shape}")
+    goal_obs = load_goal_image(cfg.goal_obs, list(sample.shape[1:])) if cfg.goal_obs else None
+    out = check_writable_dir(cfg.out_dir, "--out-dir")
+    n_actions = int(env.action_space.n)
+    actions = list(NAV_ACTIONS) if (meta.get("config") or {}).get("actions") == "nav" else list(range(n_actions))
+    seed_everything(cfg.seed)
+    device = choose_device(cfg.device)
+    model = model_from_checkpoint(ckpt).to(device)
+    imagination = Imagination(model, ckpt["arch"], device)
+
+    graph, graph_report = None, None
+    if cfg.cost == "graph":
+        data_path = cfg.graph_data or meta.get("path") or fail("the checkpoint does not record its data; pass --graph-data")
+        data = MiniGridTransitions(data_path)
+        if list(data.frame_shape) != list(sample.shape[1:]):
+            fail(f"--graph-data {data_path} has frames {list(data.frame_shape)}, the model takes {list(sample.shape[1:])}")
+        t0 = time.perf_counter()
+        frames = np.concatenate([data.obs.numpy(), data.terminal_obs.numpy()])
+        env.reset(seed=cfg.seed)
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)
+        graph = LatentGraph(imagination, frames, goals, actions)
+        graph_report = {
+            "data": str(data_path),
+            "nodes": len(graph.edges),
+            "seconds": time.perf_counter() - t0,
+            "edge_accuracy": graph.edge_accuracy(data),
+            "nodes_with_path_to_goal": float(np.mean(graph.cost_to_goal < UNREACHABLE)),
+        }
+        print(
+            f"graph: {graph_report['nodes']} nodes from {data_path}, built in {graph_report['seconds']:.1f} s; the model's edges "
+            f"reproduce {graph_report['edge_accuracy']:.1%} of the data's transitions; "
+            f"{graph_report['nodes_with_path_to_goal']:.1%} of nodes reach the goal"
+        )
+        if cfg.goal_obs:
+            print("note: with --goal-obs and --cost graph the goal is that one image")
+
+    planner = Planner(cfg, imagination, actions, graph, cfg.seed)
+    from tqdm import tqdm
+
+    planned, random_runs = [], []
+    bar = tqdm(range(cfg.episodes), desc=f"plan {env_id}", unit="ep", dynamic_ncols=True)
+    for e in bar:
+        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs))
+        random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs))
+        bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
+    bar.close()
+    oracle = [r["oracle_steps"] for r in planned if r["oracle_steps"] is not None]
+    report = {
+        "env": env_id,
+        "checkpoint": str(cfg.checkpoint),
+        "arch": ckpt["arch"],
+        "planner": cfg.planner,
+        "horizon": cfg.horizon,
+        "cost": cfg.cost,
+        "aggregate": cfg.aggregate,
+        "start": cfg.start,
+        "episodes": cfg.episodes,
+        "step_limit": cfg.max_steps or env.unwrapped.max_steps,
+        **summarise(planned),
+        **summarise(random_runs, "random_"),
+        "oracle_mean_steps": float(np.mean(oracle)) if oracle else None,
+        "seconds_per_episode": float(np.mean([r["seconds"] for r in planned])),
+        "graph": graph_report,
+        "config": {k: getattr(cfg, k) for k in ("samples", "iterations", "elites", "seed", "goal_obs")},
+        "per_episode": planned,
+        "random_per_episode": [{k: r[k] for k in ("seed", "success", "steps")} for r in random_runs],
+    }
+    write_json(out / "plan.json", report)
+    draw(env_id, env, planned, out / "plan.png")
+    env.close()
+    ratio = report["steps_over_oracle"]
+    print(
+        f"{env_id}, {ckpt['arch']} + {cfg.planner} H={cfg.horizon} cost={cfg.cost}/{cfg.aggregate}, {cfg.start} starts: "
+        f"success {report['success_rate']:.2f} (random policy {report['random_success_rate']:.2f}), mean steps "
+        f"{report['mean_steps'] if report['mean_steps'] is None else round(report['mean_steps'], 1)} vs oracle "
+        f"{report['oracle_mean_steps']:.1f} ({'n/a' if ratio is None else f'{ratio:.2f}x'} on successes), "
+        f"{report['seconds_per_episode']:.2f} s per episode"
+    )
+    print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, PlanConfig, description=__doc__.split("\n\n")[0])
