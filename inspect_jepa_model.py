@@ -100,7 +100,9 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
 def probe_keys(data: MiniGridTransitions) -> list[str]:
     """The probe targets this data has: agent cell, direction, goal cell, and door state / carried
     object when the layout has any (a column of -1s means the env has no door or objects)."""
-    keys = [k for k in PROBE_KEYS if k in data.fields]
+    if any(k not in data.fields for k in PROBE_KEYS):
+        return []
+    keys = list(PROBE_KEYS)
     return keys + [k for k in OPTIONAL_PROBE_KEYS if k in data.fields and bool((data.fields[k] != -1).any())]
 
 
@@ -451,17 +453,24 @@ def inspect_model(
 
 def evaluated_elsewhere(trained: dict, evaluated: dict) -> str:
     """What a dataset other than the training one tests: the same env with other seeds (unseen
-    layouts where the env randomises them), or another env altogether."""
+    layouts where the env randomises them), or another env altogether; plus any difference in
+    observation mode or start-state distribution."""
     env, other = trained.get("env"), evaluated.get("env")
+    differences = [
+        f"{what} {evaluated[key]} (trained on {trained[key]})"
+        for key, what in (("obs_mode", "observations"), ("start", "starts"))
+        if evaluated.get(key) and trained.get(key) and evaluated[key] != trained[key]
+    ]
+    extra = "; " + ", ".join(differences) if differences else ""
     if env and other and env != other:
-        return f"another env: {other} (trained on {env}); probes fitted and scored on its episodes"
+        return f"another env: {other} (trained on {env}); probes fitted and scored on its episodes{extra}"
     seeds = [trained.get("seed"), trained.get("episodes"), evaluated.get("seed"), evaluated.get("episodes")]
     if all(isinstance(v, int) for v in seeds):
         a0, na, b0, nb = seeds
         if max(a0, b0) < min(a0 + na, b0 + nb):
-            return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1} overlap training's {a0}..{a0 + na - 1}"
-        return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1}, none used in training ({a0}..{a0 + na - 1})"
-    return "another dataset (its provenance is not recorded)"
+            return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1} overlap training's {a0}..{a0 + na - 1}{extra}"
+        return f"another dataset of {other}: reset seeds {b0}..{b0 + nb - 1}, none used in training ({a0}..{a0 + na - 1}){extra}"
+    return f"another dataset (its provenance is not recorded){extra}"
 
 
 def json_safe(obj: Any) -> Any:

@@ -106,7 +106,11 @@ def parse_config(
         if meta.get("positional"):
             kw["nargs"] = "?"
         if meta.get("repeat"):
-            kw.update(action="append", metavar=meta.get("metavar", f.name.upper()))
+            # `--flag a b` and `--flag a --flag b` both give [a, b], each converted to the list's element type
+            (element,) = typing.get_args(hints[f.name]) or (str,)
+            kw.update(action="extend", nargs="+", type=_field_parser(element)[0], metavar=meta.get("metavar", f.name.upper()))
+            if default:
+                kw["help"] += f" (default: {' '.join(map(str, default))})"
             parser.add_argument(flag, **kw)
             continue
         if hints[f.name] is bool:
