@@ -7,7 +7,8 @@ Each frame is stored once: `obs` holds obs_t for every transition, `terminal_obs
 of each episode, and `next_obs_index` points obs_t+1 into concat(obs, terminal_obs), which is
 about half the bytes of storing obs and next_obs separately (minigrid_dataset.py rebuilds
 next_obs on load). Episode e is reset with seed `seed + e` and its actions drawn from a generator
-seeded by (seed, e), so any episode can be regenerated on its own.
+seeded by (seed, e), so any episode can be regenerated on its own (`--fixed-layout` resets every
+episode with `seed`: one layout, many starts and action sequences).
 """
 
 import datetime
@@ -44,6 +45,9 @@ class CollectConfig:
     )
     actions: str = field(
         default="all", metadata={"help": "random policy over all actions, or only left/right/forward", "choices": ["all", "nav"]}
+    )
+    fixed_layout: bool = field(
+        default=False, metadata={"help": "reset every episode with --seed: one layout (vary starts with --start random)"}
     )
     start: str = field(
         default="env",
@@ -151,7 +155,7 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
     base = env.unwrapped
     rng = np.random.default_rng([cfg.seed, episode])
     choices = np.array(NAV_ACTIONS if cfg.actions == "nav" else range(n_actions))
-    obs, _ = env.reset(seed=cfg.seed + episode)
+    obs, _ = env.reset(seed=cfg.seed if cfg.fixed_layout else cfg.seed + episode)
     if cfg.start == "random":
         obs = place_agent_randomly(env, rng)
     goal = goal_position(base)
@@ -248,6 +252,7 @@ def main(cfg: CollectConfig) -> Path:
         "tile_size": tile,
         "action_space": {"type": "discrete", "n": n_actions},
         "start": cfg.start,
+        "fixed_layout": cfg.fixed_layout,
         "policy": f"uniform random over {'left/right/forward' if cfg.actions == 'nav' else 'all actions'}",
         "collector_version": COLLECTOR_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

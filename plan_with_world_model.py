@@ -76,6 +76,9 @@ class PlanConfig:
         default="random",
         metadata={"help": "env: the env's own start; random: a random empty cell and direction", "choices": ["env", "random"]},
     )
+    fixed_layout: bool = field(
+        default=False, metadata={"help": "reset every episode with --seed: plan on one layout (e.g. the one collected with --fixed-layout)"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "step limit per episode (default: the env's own)"})
     goal_obs: str = field(default="", metadata={"help": "goal image (.png or .npy, HxWxC) instead of the rendered goal state"})
     graph_data: str = field(default="", metadata={"help": "cost graph: frames for the nodes (default: the checkpoint's training data)"})
@@ -121,27 +124,70 @@ class Imagination:
 
 
 class LatentGraph:
-    """Nodes: distinct frames (the data's plus the goal frames). Edges: for each node and action,
-    the model's one-step prediction snapped to the nearest node. `cost_to_goal` holds each
-    node's number of steps to a goal node (UNREACHABLE if none)."""
+    """Nodes: the distinct frames of the data, plus the goal frames of the current episode.
+    Edges: for each node and action, the model's one-step prediction snapped to the nearest node.
+    `cost_to_goal` holds each node's number of steps to a goal node (UNREACHABLE if none).
+    `set_goal` swaps the goal (layouts whose goal moves get theirs each episode): a prediction
+    nearer to a goal frame than to any data frame becomes an edge into that goal."""
 
     def __init__(self, imagination: Imagination, frames: np.ndarray, goal_frames: np.ndarray, actions: list[int], batch: int = 512):
-        first = {}
-        for i, f in enumerate(np.concatenate([frames, goal_frames])):
+        first: dict[bytes, int] = {}
+        for i, f in enumerate(frames):
             first.setdefault(f.tobytes(), i)
-        nodes = np.concatenate([frames, goal_frames])[sorted(first.values())]
-        self.imagination, self.actions = imagination, actions
-        self.index = {f.tobytes(): i for i, f in enumerate(nodes)}
-        # a goal frame the data already holds (an episode that reached the goal) is that node
-        self.goal_nodes = np.array(sorted({self.index[g.tobytes()] for g in goal_frames}))
-        t = torch.from_numpy(nodes)
-        self.vectors = torch.cat([imagination.target(t[i : i + batch]) for i in range(0, len(t), batch)])  # [U,F]
-        self.edges = np.zeros((len(nodes), len(actions)), np.int64)  # [U,A] node reached by action j
-        for j, a in enumerate(actions):
-            for i in range(0, len(t), batch):
-                state = imagination.start(t[i : i + batch])
-                nxt = imagination.step(state, torch.full((len(state),), a))
-                self.edges[i : i + len(state), j] = self.snap(imagination.embed(nxt)).cpu().numpy()
+        self.frames = frames[sorted(first.values())]  # [U,H,W,C] uint8
+        self.imagination, self.actions, self.batch = imagination, actions, batch
+        self.data_index = {f.tobytes(): i for i, f in enumerate(self.frames)}
+        self.data_vectors = self._targets(self.frames)  # [U,F]
+        n = len(self.frames)
+        predicted = []  # per action: [U,F] embeddings of the predicted next states
+        for a in actions:
+            out = []
+            for i in range(0, n, batch):
+                state = imagination.start(torch.from_numpy(self.frames[i : i + batch]))
+                out.append(imagination.embed(imagination.step(state, torch.full((len(state),), a))))
+            predicted.append(torch.cat(out))
+        self.predicted = torch.stack(predicted, dim=1)  # [U,A,F]
+        dist = self._distances(self.predicted.flatten(0, 1), self.data_vectors)  # [U*A,U]
+        best = dist.min(dim=1)
+        self.data_edges = best.indices.view(n, len(actions)).cpu().numpy()  # [U,A]
+        self.data_edge_dist = best.values.view(n, len(actions)).cpu()
+        self.set_goal(goal_frames)
+
+    def _targets(self, frames: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(frames)
+        return torch.cat([self.imagination.target(t[i : i + self.batch]) for i in range(0, len(t), self.batch)])
+
+    def _distances(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.imagination.distance(a[i : i + self.batch], b) for i in range(0, len(a), self.batch)])
+
+    def set_goal(self, goal_frames: np.ndarray) -> None:
+        """Goal frames already in the data are those nodes; the others are appended."""
+        n, n_actions = len(self.frames), len(self.actions)
+        self.index = dict(self.data_index)
+        goals, new = [], []
+        for g in goal_frames:
+            key = g.tobytes()
+            if key not in self.index:
+                self.index[key] = n + len(new)
+                new.append(g)
+            goals.append(self.index[key])
+        self.goal_nodes = np.array(sorted(set(goals)))
+        self.vectors = self.data_vectors
+        edges = self.data_edges
+        if new:
+            new_vectors = self._targets(np.stack(new))
+            self.vectors = torch.cat([self.data_vectors, new_vectors])
+            d = self._distances(self.predicted.flatten(0, 1), new_vectors).min(dim=1)
+            nearer = (d.values.view(n, n_actions) < self.data_edge_dist).numpy()
+            edges = np.where(nearer, n + d.indices.view(n, n_actions).cpu().numpy(), edges)
+            state = self.imagination.start(torch.from_numpy(np.stack(new)))
+            from_goals = torch.stack(
+                [self.imagination.embed(self.imagination.step(state, torch.full((len(new),), a))) for a in self.actions], 1
+            )
+            edges = np.concatenate(
+                [edges, self._distances(from_goals.flatten(0, 1), self.vectors).argmin(1).view(len(new), n_actions).cpu().numpy()]
+            )
+        self.edges = edges  # [nodes, A]
         self.cost_to_goal = self._steps_to_goal()
 
     def snap(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -166,7 +212,7 @@ class LatentGraph:
 
     def edge_accuracy(self, data: MiniGridTransitions) -> float | None:
         """Fraction of the data's transitions (frame, action -> next frame) that the model's graph
-        reproduces: how far its one-step predictions can be trusted for planning."""
+        of data frames reproduces: how far its one-step predictions can be trusted for planning."""
         obs, nxt, act = data.obs.numpy(), data.next_obs(torch.arange(len(data))).numpy(), data.fields["action"].numpy()
         column = {a: j for j, a in enumerate(self.actions)}
         hits = total = 0
@@ -174,7 +220,7 @@ class LatentGraph:
             if int(a) not in column:
                 continue
             total += 1
-            hits += self.edges[self.index[o.tobytes()], column[int(a)]] == self.index.get(n.tobytes(), -1)
+            hits += self.data_edges[self.data_index[o.tobytes()], column[int(a)]] == self.data_index.get(n.tobytes(), -1)
         return hits / total if total else None
 
 
@@ -307,11 +353,15 @@ def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
     return img[None]
 
 
+def episode_seed(cfg: PlanConfig, e: int) -> int:
+    return cfg.seed if cfg.fixed_layout else cfg.seed + e
+
+
 def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfig, e: int, image_size, goal_obs) -> dict[str, Any]:
     """One episode from the seeded start: the planner's when given, else a uniform random policy
     over the same actions."""
     base = env.unwrapped
-    obs, _ = env.reset(seed=cfg.seed + e)
+    obs, _ = env.reset(seed=episode_seed(cfg, e))
     rng = np.random.default_rng([cfg.seed, e])
     if cfg.start == "random":
         obs = place_agent_randomly(env, rng)
@@ -319,8 +369,10 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
     start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
     limit = cfg.max_steps or base.max_steps
     if planner is not None:
-        goals = torch.from_numpy(goal_obs if goal_obs is not None else goal_frames(env, image_size))
-        planner.goal = planner.imagination.target(goals)
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)
+        planner.goal = planner.imagination.target(torch.from_numpy(goals))
+        if planner.graph is not None:
+            planner.graph.set_goal(goals)
     act_rng = np.random.default_rng([cfg.seed, e, 1])
     path, reward, t0 = [start[:2]], 0.0, time.perf_counter()
     for _ in range(limit):
@@ -333,7 +385,7 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
         if terminated or truncated:
             break
     return {
-        "seed": cfg.seed + e,
+        "seed": episode_seed(cfg, e),
         "start": list(start),
         "goal": list(goal_position(base)),
         "success": bool(reward > 0),
@@ -394,12 +446,10 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     obs_mode = meta.get("obs_mode", "rgb")
     image_size = None if obs_mode == "symbolic" else (meta.get("config") or {}).get("image_size", meta.get("frame_shape", [64])[0])
     env, _ = make_env(env_id, obs_mode, image_size or 64)
-    if goal_position(env.unwrapped) == (-1, -1) and not cfg.goal_obs:
-        env.reset(seed=cfg.seed)
+    sample = to_frames(env.reset(seed=episode_seed(cfg, 0))[0][None], image_size)
     if goal_position(env.unwrapped) == (-1, -1):
         fail(f"{env_id} has no goal cell to plan to; pick an env with a goal square (e.g. MiniGrid-Empty-8x8-v0, MiniGrid-FourRooms-v0)")
     frame_shape = list(meta.get("frame_shape") or [])
-    sample = to_frames(env.reset(seed=cfg.seed)[0][None], image_size)
     if frame_shape and list(sample.shape[1:]) != frame_shape:
         fail(f"{env_id} renders frames {list(sample.shape[1:])} but the model takes {frame_shape}")
     goal_obs = load_goal_image(cfg.goal_obs, list(sample.shape[1:])) if cfg.goal_obs else None
@@ -419,8 +469,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
             fail(f"--graph-data {data_path} has frames {list(data.frame_shape)}, the model takes {list(sample.shape[1:])}")
         t0 = time.perf_counter()
         frames = np.concatenate([data.obs.numpy(), data.terminal_obs.numpy()])
-        env.reset(seed=cfg.seed)
-        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)  # the first episode's layout
         graph = LatentGraph(imagination, frames, goals, actions)
         graph_report = {
             "data": str(data_path),
@@ -432,10 +481,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         print(
             f"graph: {graph_report['nodes']} nodes from {data_path}, built in {graph_report['seconds']:.1f} s; the model's edges "
             f"reproduce {graph_report['edge_accuracy']:.1%} of the data's transitions; "
-            f"{graph_report['nodes_with_path_to_goal']:.1%} of nodes reach the goal"
+            f"{graph_report['nodes_with_path_to_goal']:.1%} of nodes reach the first episode's goal"
         )
-        if cfg.goal_obs:
-            print("note: with --goal-obs and --cost graph the goal is that one image")
 
     planner = Planner(cfg, imagination, actions, graph, cfg.seed)
     from tqdm import tqdm
@@ -464,7 +511,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         "oracle_mean_steps": float(np.mean(oracle)) if oracle else None,
         "seconds_per_episode": float(np.mean([r["seconds"] for r in planned])),
         "graph": graph_report,
-        "config": {k: getattr(cfg, k) for k in ("samples", "iterations", "elites", "seed", "goal_obs")},
+        "config": {k: getattr(cfg, k) for k in ("samples", "iterations", "elites", "seed", "fixed_layout", "goal_obs")},
         "per_episode": planned,
         "random_per_episode": [{k: r[k] for k in ("seed", "success", "steps")} for r in random_runs],
     }

@@ -20,6 +20,7 @@ from wm_common import UserError
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ENV = "MiniGrid-Empty-8x8-v0"
+NO_GOAL_ENV = "MiniGrid-KeyCorridorS3R1-v0"  # a ball to pick up, no goal square
 SIDE = 8  # Empty-8x8: walls on the border, open cells 1..6
 GOAL = (6, 6)
 NAV = [0, 1, 2]
@@ -190,25 +191,31 @@ def test_latent_cost_planner_takes_a_shortest_path_when_the_goal_is_in_reach(ima
     horizon = 3
     planner = planner_for(imagination, None, planner="exhaustive", cost="latent", horizon=horizon)
     near = [s for s in STARTS if DIST[s] <= horizon]
-    assert len(near) >= 20
+    assert len(near) == 18  # the goal cell's own ring: 1, 2 or 3 steps away
     for s in near:
         a = planner.act(frame(s))
         assert DIST[true_step(s, a)] == DIST[s] - 1, (s, a)
         assert drive(planner, s) == DIST[s], s
 
 
-@pytest.mark.parametrize("cost", ["graph", "latent"])
+@pytest.mark.parametrize("cost, aggregate", [("graph", "min"), ("latent", "sum"), ("latent", "final")])
 @pytest.mark.parametrize("horizon", [2, 3])
-def test_cem_finds_the_exhaustive_minimum(imagination, graph, cost, horizon):
-    kw = dict(cost=cost, horizon=horizon)
+def test_cem_finds_the_exhaustive_minimum(imagination, graph, cost, aggregate, horizon):
+    """CEM's chosen sequence costs what the best of all sequences costs, from every start. Graph
+    costs are exact; latent costs of one state computed in different rows of a batched cdist can
+    differ by float rounding (a few 1e-7), far below the gaps between distinct states. (Latent cost
+    with `min` is left out: its 1e-6 earlier-arrival bonus is itself at the mercy of that
+    rounding once the sequence stays on the goal.)"""
+    kw = dict(cost=cost, aggregate=aggregate, horizon=horizon)
     exhaustive = planner_for(imagination, graph, planner="exhaustive", **kw)
     cem = planner_for(imagination, graph, planner="cem", samples=256, elites=32, iterations=3, **kw)
     seqs = exhaustive.all_sequences
+    tol = 0 if cost == "graph" else 1e-6
     for s in STARTS:
         costs = exhaustive.scores(frame(s), seqs)
         best = cem.cem(frame(s))
         j = int(((seqs == best).all(1)).nonzero()[0, 0])
-        assert costs[j] == costs.min(), (s, best.tolist(), float(costs[j]), float(costs.min()))
+        assert float(costs[j]) == pytest.approx(float(costs.min()), abs=tol), (s, best.tolist(), float(costs[j]), float(costs.min()))
 
 
 def test_cem_graph_planner_walks_shortest_paths(imagination, graph):
@@ -346,7 +353,8 @@ def checkpoint(work, tiny_npz):
 
 
 def plan(checkpoint, out, *extra):
-    return run("plan_with_world_model.py", "--checkpoint", checkpoint, "--episodes", "3", "--out-dir", out, "--max-steps", "30", "--device", "cpu", *extra)
+    common = ("--episodes", "3", "--out-dir", out, "--max-steps", "30", "--device", "cpu")
+    return run("plan_with_world_model.py", "--checkpoint", checkpoint, *common, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +371,7 @@ def planned(work, checkpoint):
     return out
 
 
-def check_report(out, planner, horizon, tiny_npz):
+def check_report(out, planner, horizon):
     report = json.loads((out / "plan.json").read_text())
     assert CONTRACT_KEYS <= set(report), CONTRACT_KEYS - set(report)
     assert report["env"] == ENV  # no --env given: the checkpoint's data's env
@@ -397,7 +405,7 @@ def check_report(out, planner, horizon, tiny_npz):
 
 
 def test_cli_graph_cost(planned, tiny_npz):
-    report = check_report(planned["graph"], "exhaustive", 3, tiny_npz)
+    report = check_report(planned["graph"], "exhaustive", 3)
     assert report["cost"] == "graph"
     arrays = load_npz(tiny_npz)
     env, _ = make_env(ENV, "rgb", 32)
@@ -407,8 +415,8 @@ def test_cli_graph_cost(planned, tiny_npz):
     assert 0 <= report["graph"]["edge_accuracy"] <= 1
 
 
-def test_cli_latent_cost_cem(planned, tiny_npz):
-    report = check_report(planned["cem"], "cem", 4, tiny_npz)
+def test_cli_latent_cost_cem(planned):
+    report = check_report(planned["cem"], "cem", 4)
     assert report["cost"] == "latent" and report["graph"] is None
     assert report["config"]["samples"] == 32 and report["config"]["elites"] == 8
 
@@ -435,15 +443,19 @@ def bad_goal(work):
     return path
 
 
-GOAL_OBS_BUG = "main() only resets the env when --goal-obs is empty, so with --goal-obs the goal check sees the empty pre-reset grid"
+def test_key_corridor_has_no_goal_cell():
+    """The no-goal case below relies on this env having no goal square after a reset."""
+    env, _ = make_env(NO_GOAL_ENV, "rgb", 32)
+    env.reset(seed=1000)
+    assert goal_position(env.unwrapped) == (-1, -1)
 
 
 @pytest.mark.parametrize(
     "args, fragments",
     [
         (("--env", "NoSuchEnv-v0"), ("unknown env id", "NoSuchEnv-v0")),
-        (("--env", "MiniGrid-KeyCorridorS3R1-v0"), ("has no goal cell", "MiniGrid-KeyCorridorS3R1-v0")),
-        pytest.param(("--goal-obs", "BAD_GOAL"), ("has shape [16, 16, 3]", "[32, 32, 3]"), marks=pytest.mark.xfail(strict=True, reason=GOAL_OBS_BUG)),
+        (("--env", NO_GOAL_ENV), ("has no goal cell", NO_GOAL_ENV)),
+        (("--goal-obs", "BAD_GOAL"), ("has shape [16, 16, 3]", "[32, 32, 3]")),
         (("--checkpoint", "NO_CHECKPOINT"), ("not found",)),
         (("--horizon", "0"), ("--horizon must be at least 1",)),
         (("--elites", "64", "--samples", "8", "--planner", "cem"), ("--elites (64) cannot exceed --samples (8)",)),
@@ -451,9 +463,6 @@ GOAL_OBS_BUG = "main() only resets the env when --goal-obs is empty, so with --g
     ids=["unknown-env", "no-goal-env", "goal-obs-shape", "missing-checkpoint", "horizon-0", "elites-over-samples"],
 )
 def test_cli_bad_inputs(work, checkpoint, good_out, bad_goal, args, fragments):
-    env, _ = make_env("MiniGrid-KeyCorridorS3R1-v0", "rgb", 32)
-    env.reset(seed=1000)
-    assert goal_position(env.unwrapped) == (-1, -1)
     subst = {"BAD_GOAL": str(bad_goal), "NO_CHECKPOINT": str(work / "nope")}
     args = [subst.get(a, a) for a in args]
     before = {p.name: p.read_bytes() for p in good_out.iterdir()}
@@ -463,7 +472,6 @@ def test_cli_bad_inputs(work, checkpoint, good_out, bad_goal, args, fragments):
     assert {p.name: p.read_bytes() for p in good_out.iterdir()} == before
 
 
-@pytest.mark.xfail(strict=True, reason=GOAL_OBS_BUG)
 def test_cli_goal_obs_plans_to_the_given_image(work, checkpoint):
     env, _ = make_env(ENV, "rgb", 32)
     env.reset(seed=0)
@@ -472,3 +480,29 @@ def test_cli_goal_obs_plans_to_the_given_image(work, checkpoint):
     out = work / "goal_obs"
     ok(plan(checkpoint, out, "--goal-obs", path, "--max-steps", "5"))
     assert json.loads((out / "plan.json").read_text())["config"]["goal_obs"] == str(path)
+
+
+def test_set_goal_moves_the_goal_for_the_next_episode(imagination):
+    """Layouts whose goal moves (FourRooms) re-aim the graph per episode: after set_goal the
+    costs are the shortest paths to the new cell, whether its frames are data nodes or new."""
+    g = LatentGraph(imagination, tokens(STATES), tokens(GOAL_STATES), NAV)
+    assert len(g.edges) == len(STATES)  # the goal frames are data frames: nothing appended
+    corner = (1, 1)
+    g.set_goal(tokens([(*corner, d) for d in range(4)]))
+    assert len(g.edges) == len(STATES)
+    for s in STATES:
+        seen, queue = {s: 0}, deque([s])
+        while queue:
+            u = queue.popleft()
+            if u[:2] == corner:
+                break
+            for a in NAV:
+                v = true_step(u, a)
+                if v not in seen:
+                    seen[v] = seen[u] + 1
+                    queue.append(v)
+        assert g.cost_to_goal[g.index[TOKEN[s].tobytes()]] == seen[u], s
+    without_goal_cell = LatentGraph(imagination, tokens(STARTS), tokens([(*corner, d) for d in range(4)]), NAV)
+    without_goal_cell.set_goal(tokens(GOAL_STATES))  # frames the data lacks: appended, with the model's edges
+    assert len(without_goal_cell.edges) == len(STARTS) + 4
+    assert all(without_goal_cell.cost_to_goal[without_goal_cell.index[TOKEN[s].tobytes()]] == DIST[s] for s in STARTS)
