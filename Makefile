@@ -8,7 +8,7 @@ DEMO_DATA ?= data/demo_empty8x8.npz
 DEMO_EPISODES ?= 80
 DEMO_EPOCHS ?= 4
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo plan test test-all lint clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: setup
 	$(BIN)/python inspect_jepa_model.py --checkpoint checkpoints/jepa_cnn --data $(DEMO_DATA) --out-dir inspection
 	@echo "Done: checkpoints/jepa_cnn/loss.png, inspection/inspection.png, inspection/eval.json"
 
+# after make demo: reach goals in Empty-8x8 by planning with the demo's model (about a minute)
+plan: setup
+	$(BIN)/python plan_with_world_model.py --checkpoint checkpoints/jepa_cnn --episodes 20 --out-dir planning
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -35,4 +39,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf data checkpoints inspection .pytest_cache
+	rm -rf data checkpoints inspection planning .pytest_cache

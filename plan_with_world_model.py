@@ -260,6 +260,15 @@ class Planner:
         # min over the horizon; among equal minima the earlier arrival wins
         return costs.min(1).values + 1e-6 * costs.argmin(1).float()
 
+    @torch.no_grad()
+    def distances_to_goal(self, frame: torch.Tensor) -> tuple[float, float]:
+        """What the planner believes about the current frame: its latent distance to the nearest
+        goal latent, and its graph cost-to-go (NaN without a graph)."""
+        vec = self.imagination.target(frame)
+        latent = float(self.imagination.distance(vec, self.goal).min())
+        graph = float(self.graph.cost_to_goal[int(self.graph.snap(vec)[0])]) if self.graph is not None else float("nan")
+        return latent, graph
+
     def act(self, frame: torch.Tensor) -> int:
         if self.cfg.planner == "exhaustive":
             seqs = self.all_sequences
@@ -374,12 +383,15 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
         if planner.graph is not None:
             planner.graph.set_goal(goals)
     act_rng = np.random.default_rng([cfg.seed, e, 1])
-    path, reward, t0 = [start[:2]], 0.0, time.perf_counter()
+    path, reward, trace, t0 = [start[:2]], 0.0, [], time.perf_counter()
     for _ in range(limit):
         if planner is None:
             a = int(act_rng.choice(actions))
         else:
-            a = planner.act(torch.from_numpy(to_frames(obs[None], image_size)))
+            frame = torch.from_numpy(to_frames(obs[None], image_size))
+            state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
+            trace.append((oracle.get(state, np.nan), *planner.distances_to_goal(frame)))
+            a = planner.act(frame)
         obs, reward, terminated, truncated, _ = env.step(a)
         path.append((int(base.agent_pos[0]), int(base.agent_pos[1])))
         if terminated or truncated:
@@ -393,6 +405,33 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
         "oracle_steps": oracle.get(start),
         "seconds": time.perf_counter() - t0,
         "path": path,
+        "trace": trace,  # per planned step: (oracle steps, latent distance to goal, graph cost)
+    }
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Rank correlation (ties get their average rank); None when undefined."""
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return (starts + (counts - 1) / 2)[inverse]
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return None
+    return float(np.corrcoef(ranks(x[keep]), ranks(y[keep]))[0, 1])
+
+
+def diagnose(episodes: list[dict]) -> dict[str, Any]:
+    """Does what the planner scores track the true distance? Rank correlations, over every state
+    the planner visited, of the oracle's steps-to-goal with the latent distance to the goal and
+    with the graph's cost-to-go (1 = perfectly ordered)."""
+    trace = np.array([row for ep in episodes for row in ep["trace"]], np.float64).reshape(-1, 3)
+    return {
+        "states": len(trace),
+        "spearman_latent_distance_vs_oracle": spearman(trace[:, 1], trace[:, 0]),
+        "spearman_graph_cost_vs_oracle": spearman(np.where(trace[:, 2] >= UNREACHABLE, np.nan, trace[:, 2]), trace[:, 0]),
     }
 
 
@@ -430,6 +469,10 @@ def draw(env_id: str, env, episodes: list[dict], out_png: Path) -> None:
     fig.tight_layout()
     atomic_write(out_png, lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def main(cfg: PlanConfig) -> dict[str, Any]:
@@ -511,8 +554,9 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         "oracle_mean_steps": float(np.mean(oracle)) if oracle else None,
         "seconds_per_episode": float(np.mean([r["seconds"] for r in planned])),
         "graph": graph_report,
+        "diagnostics": diagnose(planned),
         "config": {k: getattr(cfg, k) for k in ("samples", "iterations", "elites", "seed", "fixed_layout", "goal_obs")},
-        "per_episode": planned,
+        "per_episode": [{k: v for k, v in r.items() if k != "trace"} for r in planned],
         "random_per_episode": [{k: r[k] for k in ("seed", "success", "steps")} for r in random_runs],
     }
     write_json(out / "plan.json", report)
@@ -525,6 +569,11 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         f"{report['mean_steps'] if report['mean_steps'] is None else round(report['mean_steps'], 1)} vs oracle "
         f"{report['oracle_mean_steps']:.1f} ({'n/a' if ratio is None else f'{ratio:.2f}x'} on successes), "
         f"{report['seconds_per_episode']:.2f} s per episode"
+    )
+    d = report["diagnostics"]
+    print(
+        f"does the cost track the true distance? rank correlation with the oracle's steps over {d['states']} visited states: "
+        f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}"
     )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}")
     return report
