@@ -1,7 +1,14 @@
-"""Step 1: collect transitions (obs_t, action_t, obs_t+1, reward, done) from a MiniGrid env
+"""Step 1: collect transitions (obs_t, action_t, obs_t+1, reward, done) from a Gymnasium env
 with a seeded random policy, and save them as one compressed .npz.
 
     python collect_minigrid_data.py --env MiniGrid-Empty-8x8-v0 --episodes 100 --out data/empty8.npz
+    python collect_minigrid_data.py --env CarRacing-v3 --episodes 10 --image-size 64 --frame-skip 2
+
+MiniGrid envs get their observation modes and ground-truth keys (agent cell, direction, goal,
+door, carried object) for the probes. Any other env works from pixels, headless: its image
+observations when it has them, else `render_mode="rgb_array"` frames, resized to a square
+`--image-size`, RGB or grayscale (`--channels`); discrete actions are stored as int64 [N],
+continuous (Box) ones as float32 [N,A].
 
 Each frame is stored once: `obs` holds obs_t for every transition, `terminal_obs` the last frame
 of each episode, and `next_obs_index` points obs_t+1 into concat(obs, terminal_obs), which is
@@ -23,16 +30,21 @@ from wm_common import atomic_write, check_writable_dir, fail, run_cli, to_jsonab
 
 COLLECTOR_VERSION = 2
 NAV_ACTIONS = (0, 1, 2)  # MiniGrid's left, right, forward
+DEFAULT_STEP_CAP = 1000  # steps per episode for envs without a time limit of their own
 
 
 @dataclass
 class CollectConfig:
-    env: str = field(default="MiniGrid-Empty-8x8-v0", metadata={"help": "Gymnasium env id (a MiniGrid env)"})
+    env: str = field(
+        default="MiniGrid-Empty-8x8-v0", metadata={"help": "Gymnasium env id (MiniGrid, classic control, CarRacing-v3, ALE/Pong-v5, ...)"}
+    )
     episodes: int = field(default=100, metadata={"help": "number of episodes to collect"})
     max_steps: int | None = field(default=None, metadata={"help": "cap on steps per episode (default: the env's own limit)"})
     seed: int = field(default=0, metadata={"help": "episode e is reset with seed+e; actions drawn from (seed, e)"})
     out: str = field(default="", metadata={"help": "output .npz (default: data/<env>_<obs>.npz)"})
-    image_size: int = field(default=64, metadata={"help": "rgb modes: frames are resized to this square size"})
+    image_size: int = field(default=64, metadata={"help": "frames are resized to this square size (not MiniGrid's symbolic mode)"})
+    channels: int = field(default=3, metadata={"help": "3: RGB frames; 1: grayscale", "choices": [1, 3]})
+    frame_skip: int = field(default=1, metadata={"help": "repeat each action this many env steps (rewards summed); store every k-th frame"})
     obs: str = field(
         default="rgb",
         metadata={
@@ -59,23 +71,51 @@ class CollectConfig:
     )
 
 
+EXTRAS_HINT = "run `make setup-extras` (installs ale-py for Atari, box2d for CarRacing)"
+
+
+def gym_make(env_id: str, **kwargs):
+    """gym.make with one-line errors for unknown ids and uninstalled extras; registers the
+    MiniGrid and (when installed) Atari ids first."""
+    import gymnasium as gym
+    import minigrid  # noqa: F401  (registers the MiniGrid ids)
+
+    if env_id.startswith("ALE/"):
+        try:
+            import ale_py
+        except ImportError:
+            fail(f"{env_id} needs the Atari extra, which is not installed: {EXTRAS_HINT}")
+        gym.register_envs(ale_py)
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        fail(f"{env_id} needs an optional dependency that is not installed ({type(e).__name__}): {EXTRAS_HINT}")
+    except gym.error.Error as e:
+        fail(f"unknown env id {env_id!r} ({str(e)[:120]}); ids look like MiniGrid-Empty-8x8-v0, CartPole-v1, CarRacing-v3, ALE/Pong-v5")
+
+
+def is_minigrid(env_id: str) -> bool:
+    from minigrid.minigrid_env import MiniGridEnv
+
+    env = gym_make(env_id)
+    try:
+        return isinstance(env.unwrapped, MiniGridEnv)
+    finally:
+        env.close()
+
+
 def make_env(env_id: str, obs_mode: str, image_size: int):
     """The MiniGrid env wrapped to give uint8 frames [H,W,C] of the requested mode, plus the
     tile size used. Frames come out at the tile size nearest above `image_size` and are
     area-resized to exactly `image_size` by `resize_frames`."""
-    import gymnasium as gym
-    import minigrid  # noqa: F401  (registers the MiniGrid ids)
     from minigrid.minigrid_env import MiniGridEnv
     from minigrid.wrappers import ImgObsWrapper, RGBImgObsWrapper, RGBImgPartialObsWrapper
 
-    try:
-        env = gym.make(env_id)
-    except gym.error.Error as e:
-        fail(f"unknown env id {env_id!r} ({e}); MiniGrid ids look like MiniGrid-Empty-8x8-v0")
+    env = gym_make(env_id)
     base = env.unwrapped
     if not isinstance(base, MiniGridEnv):
         env.close()
-        fail(f"{env_id} is not a MiniGrid env; this collector records MiniGrid ground truth, pick a MiniGrid-* id")
+        fail(f"{env_id} is not a MiniGrid env; this step needs MiniGrid's grid (ground truth, goal cell), pick a MiniGrid-* id")
     if image_size < 8:
         fail(f"--image-size {image_size} is too small; use 8 or more (64 is the default)")
     tile = 0
@@ -99,6 +139,99 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     mode = "area" if frames.shape[1] >= size else "bilinear"
     y = F.interpolate(x, size=(size, size), mode=mode)
     return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def image_space(space) -> bool:
+    """Is this observation space already a picture (uint8 [H,W], [H,W,1|3|4])?"""
+    from gymnasium import spaces
+
+    if not isinstance(space, spaces.Box) or space.dtype != np.uint8:
+        return False
+    shape = space.shape
+    return (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))) and min(shape[:2]) >= 8
+
+
+def make_pixel_env(env_id: str):
+    """Any Gymnasium env as a source of frames, headless: (env, "observation") when its
+    observations are images, else (env, "render") made with render_mode="rgb_array"."""
+    env = gym_make(env_id)
+    if image_space(env.observation_space):
+        return env, "observation"
+    env.close()
+    return gym_make(env_id, render_mode="rgb_array"), "render"
+
+
+def to_frames(images, channels: int, size: int) -> np.ndarray:
+    """Pictures [T,H,W] or [T,H,W,1|3|4] (any size) -> uint8 [T,size,size,channels]."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    x = x[..., :3].astype(np.uint8, copy=False)
+    if channels == 1 and x.shape[-1] == 3:
+        x = np.round(x @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]  # ITU-R 601 luma
+    elif channels == 3 and x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return resize_frames(np.ascontiguousarray(x), size)
+
+
+def action_sampler(space):
+    """(draw(rng) -> the action to store, to_env(stored) -> the action to step with, space
+    description for meta) for the random policy."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Discrete):
+        start = int(space.start)
+        return (lambda rng: int(rng.integers(space.n))), (lambda a: start + a), {"type": "discrete", "n": int(space.n)}
+    if isinstance(space, spaces.Box):
+        low = np.where(np.isfinite(space.low), space.low, -1.0).reshape(-1).astype(np.float32)
+        high = np.where(np.isfinite(space.high), space.high, 1.0).reshape(-1).astype(np.float32)
+        desc = {"type": "box", "shape": [int(low.size)], "low": low.tolist(), "high": high.tolist()}
+        return (lambda rng: rng.uniform(low, high).astype(np.float32)), (lambda a: a.reshape(space.shape)), desc
+    fail(f"action space {space} is not supported; use an env with Discrete or Box actions")
+
+
+def run_pixel_episode(env, source: str, episode: int, cfg: CollectConfig, sampler) -> dict[str, np.ndarray]:
+    """One seeded episode of a non-MiniGrid env; each stored transition is `frame_skip` env
+    steps with the same action."""
+    draw, to_env, _ = sampler
+    rng = np.random.default_rng([cfg.seed, episode])
+    obs, _ = env.reset(seed=cfg.seed + episode)
+
+    def frame(o) -> np.ndarray:
+        image = o if source == "observation" else env.render()
+        if image is None:
+            fail(f"{cfg.env} gives neither image observations nor rgb_array frames; pick an env that renders")
+        return to_frames(np.asarray(image)[None], cfg.channels, cfg.image_size)[0]
+
+    limit = cfg.max_steps or getattr(env.spec, "max_episode_steps", None) or DEFAULT_STEP_CAP
+    frames, actions, rewards, terms = [frame(obs)], [], [], []
+    for _ in range(limit):
+        a = draw(rng)
+        total, terminated, truncated = 0.0, False, False
+        for _ in range(cfg.frame_skip):
+            obs, r, terminated, truncated, _ = env.step(to_env(a))
+            total += float(r)
+            if terminated or truncated:
+                break
+        frames.append(frame(obs))
+        actions.append(a)
+        rewards.append(total)
+        terms.append(terminated)
+        if terminated or truncated:
+            break
+    t = len(actions)
+    done = np.zeros(t, bool)
+    done[-1] = True
+    all_frames = np.stack(frames)
+    return {
+        "obs": all_frames[:-1],
+        "terminal_obs": all_frames[-1:],
+        "action": np.asarray(actions, np.float32 if isinstance(actions[0], np.ndarray) else np.int64),
+        "reward": np.asarray(rewards, np.float32),
+        "done": done,
+        "terminated": np.asarray(terms, bool),
+        "step": np.arange(t, dtype=np.int64),
+    }
 
 
 def goal_position(base) -> tuple[int, int]:
@@ -177,7 +310,7 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
     t = len(actions)
     all_frames = np.stack(frames)
     if cfg.obs != "symbolic":
-        all_frames = resize_frames(all_frames, image_size)
+        all_frames = to_frames(all_frames, cfg.channels, image_size)
     done = np.zeros(t, bool)
     done[-1] = True
     return {
@@ -219,18 +352,38 @@ def main(cfg: CollectConfig) -> Path:
         fail(f"--episodes must be at least 1, got {cfg.episodes}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")
+    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
     if out.suffix != ".npz":
         fail(f"--out {out} must end in .npz")
-    env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
+    if cfg.frame_skip < 1:
+        fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
+    minigrid_env = is_minigrid(cfg.env)
+    if minigrid_env:
+        if cfg.frame_skip != 1:
+            fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
+        env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
+        n_actions = int(env.action_space.n)
+        space = {"type": "discrete", "n": n_actions}
+
+        def episode(e: int) -> dict[str, np.ndarray]:
+            return run_episode(env, e, cfg, n_actions, cfg.image_size)
+    else:
+        if cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout:
+            fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
+        env, source = make_pixel_env(cfg.env)
+        sampler = action_sampler(env.action_space)
+        space = sampler[2]
+
+        def episode(e: int) -> dict[str, np.ndarray]:
+            return run_pixel_episode(env, source, e, cfg, sampler)
+
     check_writable_dir(out.parent, "output directory")
-    n_actions = int(env.action_space.n)
     episodes: list[dict[str, np.ndarray]] = []
     interrupted, total = False, 0
     bar = tqdm(range(cfg.episodes), desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
     try:
         for e in bar:
-            episodes.append(run_episode(env, e, cfg, n_actions, cfg.image_size))
+            episodes.append(episode(e))
             total += len(episodes[-1]["action"])
             bar.set_postfix(transitions=total, refresh=False)
     except KeyboardInterrupt:
@@ -247,13 +400,12 @@ def main(cfg: CollectConfig) -> Path:
         "seed": cfg.seed,
         "episodes": len(episodes),
         "max_steps": cfg.max_steps,
-        "obs_mode": cfg.obs,
+        "obs_mode": cfg.obs if minigrid_env else f"pixels ({source})",
         "image_shape": frame_shape,
-        "tile_size": tile,
-        "action_space": {"type": "discrete", "n": n_actions},
-        "start": cfg.start,
-        "fixed_layout": cfg.fixed_layout,
+        "action_space": space,
+        "frame_skip": cfg.frame_skip,
         "policy": f"uniform random over {'left/right/forward' if cfg.actions == 'nav' else 'all actions'}",
+        **({"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout} if minigrid_env else {}),
         "collector_version": COLLECTOR_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": to_jsonable(cfg),
@@ -268,7 +420,7 @@ def main(cfg: CollectConfig) -> Path:
     n = len(arrays["action"])
     print(
         f"Saved {n} transitions from {len(episodes)} episodes ({frame_shape[0]}x{frame_shape[1]}x{frame_shape[2]} "
-        f"{cfg.obs}) to {out} ({out.stat().st_size / 1e6:.1f} MB)"
+        f"{meta['obs_mode']}) to {out} ({out.stat().st_size / 1e6:.1f} MB)"
     )
     if interrupted:
         raise KeyboardInterrupt

@@ -631,8 +631,10 @@ def table(reports: dict[str, dict]) -> str:
         shuffled_cell = f"{r['baselines']['shuffled_labels']['agent_pos_acc']:.2f}" if p else "-"
         pp = r.get("probe_predicted")
         if pp and "agent_pos_acc" in pp:
-            h = pp["horizons"][-1]
-            predicted = f"{_fmt(pp['agent_pos_acc'][-1])} @{h} ({_fmt(pp['from_current_latent']['agent_pos_acc'][-1])})"
+            ends = sorted({0, len(pp["horizons"]) - 1})
+            acc, cur = pp["agent_pos_acc"], pp["from_current_latent"]["agent_pos_acc"]
+            predicted = " / ".join(f"{_fmt(acc[i])} @{pp['horizons'][i]}" for i in ends)
+            predicted += " (" + " / ".join(_fmt(cur[i]) for i in ends) + ")"
         else:
             predicted = "-"
         cells = [

@@ -91,6 +91,15 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         if action.min() < 0 or (n_act is not None and action.max() >= n_act):
             fail(f"{path}: actions range {action.min()}..{action.max()}, outside the recorded action space of {n_act}")
     elif action.ndim == 2:
+        if not np.issubdtype(action.dtype, np.floating) or not np.isfinite(action).all():
+            fail(
+                f"{path}: continuous 'action' must be finite floats [N,A], got {action.dtype}{' with NaN/inf' if np.issubdtype(action.dtype, np.floating) else ''}"
+            )
+        space = meta.get("action_space", {})
+        if space.get("type") == "discrete":
+            fail(f"{path}: actions are vectors [N,{action.shape[1]}] but meta records a discrete action space")
+        if "shape" in space and list(space["shape"]) != [action.shape[1]]:
+            fail(f"{path}: actions have {action.shape[1]} dims but the recorded action space has shape {space['shape']}")
         arrays["action"] = action.astype(np.float32, copy=False)
     else:
         fail(f"{path}: 'action' must be [N] (discrete) or [N,A] (continuous), got {list(action.shape)}")
@@ -139,7 +148,14 @@ class MiniGridTransitions(Dataset):
         return tuple(self.obs.shape[1:])
 
     @property
+    def continuous_actions(self) -> bool:
+        return self.fields["action"].ndim == 2
+
+    @property
     def num_actions(self) -> int:
+        """Discrete: how many actions; continuous: the action vector's size."""
+        if self.continuous_actions:
+            return int(self.fields["action"].shape[1])
         space = self.meta.get("action_space", {})
         if "n" in space:
             return int(space["n"])

@@ -76,12 +76,11 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
 
 
 def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
-    if data.fields["action"].ndim != 1:
-        fail(f"{data.path} has continuous actions; the CNN JEPA embeds discrete actions only")
     c = coeffs(cfg)
     return JEPAConfig(
         obs_shape=list(data.frame_shape),
         num_actions=data.num_actions,
+        continuous_actions=data.continuous_actions,
         latent_dim=cfg.latent_dim,
         action_emb_dim=cfg.action_emb_dim,
         ema_decay=cfg.ema_decay,

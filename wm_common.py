@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # ----------------------------------------------------------------------------- errors and CLI
 
@@ -322,6 +323,12 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
     torch._foreach_add_(t_params, o_params, alpha=1.0 - decay)
     for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
         tb.copy_(ob)
+
+
+def action_embedding(*, num_actions: int, dim: int, continuous: bool) -> nn.Module:
+    """Discrete actions [B] int64 -> a learned vector per action; continuous actions [B,A]
+    float -> a linear map of the action vector (num_actions is then A)."""
+    return nn.Linear(num_actions, dim) if continuous else nn.Embedding(num_actions, dim)
 
 
 def latent_rollout(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from wm_common import ema_update, frames_to_float, latent_rollout, normalized_mse, vicreg_cov_loss, vicreg_std_loss
+from wm_common import action_embedding, ema_update, frames_to_float, latent_rollout, normalized_mse, vicreg_cov_loss, vicreg_std_loss
 
 
 @dataclass
 class JEPAConfig:
     obs_shape: list[int] = field(default_factory=lambda: [64, 64, 3])  # H, W, C of the uint8 frames
-    num_actions: int = 7
+    num_actions: int = 7  # for continuous actions: the action vector's size
+    continuous_actions: bool = False
     latent_dim: int = 128
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     action_emb_dim: int = 32
@@ -67,9 +68,9 @@ class CNNEncoder(nn.Module):
 class LatentPredictor(nn.Module):
     """(z_t, action) -> z_t+1: an MLP on the latent concatenated with the action embedding."""
 
-    def __init__(self, *, latent_dim: int, num_actions: int, action_emb_dim: int, hidden_dim: int):
+    def __init__(self, *, latent_dim: int, num_actions: int, action_emb_dim: int, hidden_dim: int, continuous_actions: bool = False):
         super().__init__()
-        self.action_emb = nn.Embedding(num_actions, action_emb_dim)
+        self.action_emb = action_embedding(num_actions=num_actions, dim=action_emb_dim, continuous=continuous_actions)
         self.net = nn.Sequential(
             nn.Linear(latent_dim + action_emb_dim, hidden_dim),
             nn.ReLU(),
@@ -96,6 +97,7 @@ class JEPAWorldModel(nn.Module):
             latent_dim=config.latent_dim,
             num_actions=config.num_actions,
             action_emb_dim=config.action_emb_dim,
+            continuous_actions=config.continuous_actions,
             hidden_dim=config.predictor_hidden_dim,
         )
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import ema_update, frames_to_float, latent_rollout, vicreg_cov_loss, vicreg_std_loss
+from wm_common import action_embedding, ema_update, frames_to_float, latent_rollout, vicreg_cov_loss, vicreg_std_loss
 from wm_common import fail as raise_user
 
 
@@ -31,7 +31,8 @@ class ViTConfig:
     image_size: int = 64
     patch_size: int = 8
     input_channels: int = 3
-    num_actions: int = 7
+    num_actions: int = 7  # for continuous actions: the action vector's size
+    continuous_actions: bool = False
     latent_dim: int = 128
     num_heads: int = 4
     num_encoder_layers: int = 2
@@ -169,7 +170,7 @@ class ViTJEPA(nn.Module):
         self.latent_dim = c.latent_dim
         self.encoder = build_encoder(c)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.action_emb = nn.Embedding(c.num_actions, c.action_emb_dim)
+        self.action_emb = action_embedding(num_actions=c.num_actions, dim=c.action_emb_dim, continuous=c.continuous_actions)
         if c.predictor == "mlp":
             self.predictor = MLPPredictor(latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim)
         else:
@@ -227,7 +228,7 @@ class ViTEncoderDecoder(nn.Module):
         c = self.config = config
         self.latent_dim = c.latent_dim
         self.encoder = build_encoder(c)
-        self.action_emb = nn.Embedding(c.num_actions, c.action_emb_dim)
+        self.action_emb = action_embedding(num_actions=c.num_actions, dim=c.action_emb_dim, continuous=c.continuous_actions)
         self.action_to_decoder = nn.Linear(c.action_emb_dim, c.decoder_dim)
         self.memory_proj = nn.Linear(c.latent_dim, c.decoder_dim)
         self.queries = nn.Parameter(torch.randn(1, c.num_patches, c.decoder_dim) * 0.02)
@@ -299,14 +300,13 @@ def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
         raise_user(f"image_size {h} is not divisible by patch_size {args.patch_size}; pick a divisor of {h}")
     if latent_dim % args.num_heads:
         raise_user(f"latent_dim {latent_dim} is not divisible by num_heads {args.num_heads}")
-    if data.fields["action"].ndim != 1:
-        raise_user(f"{data.path} has continuous actions; the ViT models embed discrete actions only")
     symbolic = data.meta.get("obs_mode") == "symbolic"
     return dict(
         image_size=h,
         input_channels=c,
         patch_size=args.patch_size,
         num_actions=data.num_actions,
+        continuous_actions=data.continuous_actions,
         latent_dim=latent_dim,
         num_heads=args.num_heads,
         num_encoder_layers=args.num_encoder_layers,

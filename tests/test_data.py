@@ -203,7 +203,10 @@ def test_same_seed_identical_different_seed_different(tmp_path):
         ({"max_steps": 0}, "--max-steps"),
         ({"image_size": 4}, "--image-size"),
         ({"env": "MiniGrid-Nope-v0"}, "unknown env id"),
-        ({"env": "CartPole-v1"}, "not a MiniGrid env"),
+        ({"env": "CartPole-v1", "obs": "rgb_partial"}, "not a MiniGrid env"),
+        ({"env": "CartPole-v1", "actions": "nav"}, "not a MiniGrid env"),
+        ({"frame_skip": 2}, "--frame-skip is for non-MiniGrid envs"),
+        ({"env": "CartPole-v1", "frame_skip": 0}, "--frame-skip must be at least 1"),
     ],
 )
 def test_collector_bad_config_is_user_error(tmp_path, overrides, match):
