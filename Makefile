@@ -8,7 +8,7 @@ DEMO_DATA ?= data/demo_empty8x8.npz
 DEMO_EPISODES ?= 80
 DEMO_EPOCHS ?= 4
 
-.PHONY: setup demo plan test test-all lint clean
+.PHONY: setup setup-extras demo plan test test-all lint clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 setup: $(BIN)/.installed
+
+# optional: Atari (ale-py) and CarRacing (box2d, built with swig) for collect_minigrid_data.py --env ALE/... or CarRacing-v3
+setup-extras: setup
+	$(BIN)/pip install -q -r requirements-extras.txt
 
 # collect -> summarise -> train the CNN JEPA -> inspect: a few minutes on a 2-core CPU
 demo: setup

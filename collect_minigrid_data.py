@@ -432,10 +432,10 @@ CONFIG_ALIASES = {
     "environment_name": "env",
     "num_episodes_data_collection": "episodes",
     "max_steps_per_episode_data_collection": "max_steps",
+    "input_channels": "channels",
 }
 TRAINER_KEYS = (
     "patch_size",
-    "input_channels",
     "latent_dim",
     "decoder_dim",
     "num_heads",

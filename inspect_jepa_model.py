@@ -441,7 +441,10 @@ def inspect_model(
         figure["agent_pos"] = data.fields["agent_pos"][te].numpy()
     else:
         report["probe"] = None
-        report["probe_note"] = "the data has no agent_pos/agent_dir/goal_pos: probes skipped"
+        report["probe_note"] = (
+            "probes skipped: they need MiniGrid ground truth (agent_pos, agent_dir, goal_pos), which this data "
+            f"({data.meta.get('env', 'unknown env')}) does not have; collapse and rollout metrics still apply"
+        )
     if pixel_model:
         figure["strip"] = frame_strip(model, data, test_idx, device)
     if pixel_model:

@@ -100,6 +100,12 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             fail(f"{path}: actions are vectors [N,{action.shape[1]}] but meta records a discrete action space")
         if "shape" in space and list(space["shape"]) != [action.shape[1]]:
             fail(f"{path}: actions have {action.shape[1]} dims but the recorded action space has shape {space['shape']}")
+        if "low" in space and "high" in space:
+            low, high = np.asarray(space["low"], np.float32), np.asarray(space["high"], np.float32)
+            if (action < low - 1e-6).any() or (action > high + 1e-6).any():
+                fail(
+                    f"{path}: actions range {action.min():.3g}..{action.max():.3g}, outside the recorded bounds {space['low']}..{space['high']}"
+                )
         arrays["action"] = action.astype(np.float32, copy=False)
     else:
         fail(f"{path}: 'action' must be [N] (discrete) or [N,A] (continuous), got {list(action.shape)}")
@@ -118,7 +124,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         if key in arrays and arrays[key].shape != shape:
             fail(f"{path}: '{key}' must have shape {list(shape)}, got {list(arrays[key].shape)}")
     if any(k not in arrays for k in PROBE_KEYS):
-        notes.append("no agent_pos/agent_dir/goal_pos: metadata for probes is missing (re-collect to get it)")
+        env = str(meta.get("env", ""))
+        if not env or env.startswith("MiniGrid"):
+            notes.append("no agent_pos/agent_dir/goal_pos: metadata for probes is missing (re-collect to get it)")
+        else:
+            notes.append(f"{env} is not a MiniGrid env: no ground truth for probes (collapse and rollout metrics still apply)")
     if not meta:
         notes.append("no 'meta': env id and collection settings unknown")
     return arrays, meta, notes
