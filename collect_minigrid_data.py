@@ -21,6 +21,7 @@ episode with `seed`: one layout, many starts and action sequences).
 import datetime
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,9 @@ class CollectConfig:
         default="MiniGrid-Empty-8x8-v0", metadata={"help": "Gymnasium env id (MiniGrid, classic control, CarRacing-v3, ALE/Pong-v5, ...)"}
     )
     episodes: int = field(default=100, metadata={"help": "number of episodes to collect"})
-    max_steps: int | None = field(default=None, metadata={"help": "cap on steps per episode (default: the env's own limit)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "cap on stored transitions per episode, each --frame-skip env steps (default: the env's own limit)"}
+    )
     seed: int = field(default=0, metadata={"help": "episode e is reset with seed+e; actions drawn from (seed, e)"})
     out: str = field(default="", metadata={"help": "output .npz (default: data/<env>_<obs>.npz)"})
     image_size: int = field(default=64, metadata={"help": "frames are resized to this square size (not MiniGrid's symbolic mode)"})
@@ -77,6 +80,9 @@ EXTRAS_HINT = "run `make setup-extras` (installs ale-py for Atari, box2d for Car
 def gym_make(env_id: str, **kwargs):
     """gym.make with one-line errors for unknown ids and uninstalled extras; registers the
     MiniGrid and (when installed) Atari ids first."""
+    # headless: pygame-based renderers must not look for a display or a sound card
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the MiniGrid ids)
 
@@ -89,7 +95,9 @@ def gym_make(env_id: str, **kwargs):
     try:
         return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as e:
-        fail(f"{env_id} needs an optional dependency that is not installed ({type(e).__name__}): {EXTRAS_HINT}")
+        if "box2d" in str(e).lower():
+            fail(f"{env_id} needs Box2D, which is not installed: {EXTRAS_HINT}")
+        fail(f"{env_id} needs an optional dependency that is not installed: {str(e).splitlines()[0][:160]}")
     except gym.error.Error as e:
         fail(f"unknown env id {env_id!r} ({str(e)[:120]}); ids look like MiniGrid-Empty-8x8-v0, CartPole-v1, CarRacing-v3, ALE/Pong-v5")
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly, resize_frames
+from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly
+from collect_minigrid_data import to_frames as collector_frames
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
 from wm_common import (
@@ -321,7 +322,7 @@ def oracle_steps(base) -> dict[tuple[int, int, int], int]:
     return dist
 
 
-def goal_frames(env, image_size: int | None) -> np.ndarray:
+def goal_frames(env, image_size: int | None, channels: int = 3) -> np.ndarray:
     """The observation with the agent on the goal cell, once per facing direction, rendered through
     the env's own wrappers so it matches a real observation there exactly; [4,H,W,C] uint8."""
     base = env.unwrapped
@@ -332,11 +333,13 @@ def goal_frames(env, image_size: int | None) -> np.ndarray:
         base.agent_dir = d
         frames.append(current_obs(env))
     base.agent_pos, base.agent_dir = pos, direction
-    return to_frames(np.stack(frames), image_size)
+    return to_frames(np.stack(frames), image_size, channels)
 
 
-def to_frames(raw: np.ndarray, image_size: int | None) -> np.ndarray:
-    return raw if image_size is None else resize_frames(raw, image_size)
+def to_frames(raw: np.ndarray, image_size: int | None, channels: int = 3) -> np.ndarray:
+    """Env frames -> the model's frames: resized (and grayscale) as the collector stored them;
+    symbolic observations pass through."""
+    return raw if image_size is None else collector_frames(raw, channels, image_size)
 
 
 def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
@@ -366,7 +369,9 @@ def episode_seed(cfg: PlanConfig, e: int) -> int:
     return cfg.seed if cfg.fixed_layout else cfg.seed + e
 
 
-def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfig, e: int, image_size, goal_obs) -> dict[str, Any]:
+def run_episode(
+    env, planner: Planner | None, actions: list[int], cfg: PlanConfig, e: int, image_size, goal_obs, channels: int = 3
+) -> dict[str, Any]:
     """One episode from the seeded start: the planner's when given, else a uniform random policy
     over the same actions."""
     base = env.unwrapped
@@ -378,7 +383,7 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
     start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
     limit = cfg.max_steps or base.max_steps
     if planner is not None:
-        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)
         planner.goal = planner.imagination.target(torch.from_numpy(goals))
         if planner.graph is not None:
             planner.graph.set_goal(goals)
@@ -388,7 +393,7 @@ def run_episode(env, planner: Planner | None, actions: list[int], cfg: PlanConfi
         if planner is None:
             a = int(act_rng.choice(actions))
         else:
-            frame = torch.from_numpy(to_frames(obs[None], image_size))
+            frame = torch.from_numpy(to_frames(obs[None], image_size, channels))
             state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
             trace.append((oracle.get(state, np.nan), *planner.distances_to_goal(frame)))
             a = planner.act(frame)
@@ -489,7 +494,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     obs_mode = meta.get("obs_mode", "rgb")
     image_size = None if obs_mode == "symbolic" else (meta.get("config") or {}).get("image_size", meta.get("frame_shape", [64])[0])
     env, _ = make_env(env_id, obs_mode, image_size or 64)
-    sample = to_frames(env.reset(seed=episode_seed(cfg, 0))[0][None], image_size)
+    channels = int((meta.get("config") or {}).get("channels", 3))
+    sample = to_frames(env.reset(seed=episode_seed(cfg, 0))[0][None], image_size, channels)
     if goal_position(env.unwrapped) == (-1, -1):
         fail(f"{env_id} has no goal cell to plan to; pick an env with a goal square (e.g. MiniGrid-Empty-8x8-v0, MiniGrid-FourRooms-v0)")
     frame_shape = list(meta.get("frame_shape") or [])
@@ -512,7 +518,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
             fail(f"--graph-data {data_path} has frames {list(data.frame_shape)}, the model takes {list(sample.shape[1:])}")
         t0 = time.perf_counter()
         frames = np.concatenate([data.obs.numpy(), data.terminal_obs.numpy()])
-        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size)  # the first episode's layout
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)  # the first episode's layout
         graph = LatentGraph(imagination, frames, goals, actions)
         graph_report = {
             "data": str(data_path),
@@ -533,8 +539,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     planned, random_runs = [], []
     bar = tqdm(range(cfg.episodes), desc=f"plan {env_id}", unit="ep", dynamic_ncols=True)
     for e in bar:
-        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs))
-        random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs))
+        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs, channels))
+        random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs, channels))
         bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
     bar.close()
     oracle = [r["oracle_steps"] for r in planned if r["oracle_steps"] is not None]
