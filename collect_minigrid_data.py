@@ -47,6 +47,7 @@ class CollectConfig:
     out: str = field(default="", metadata={"help": "output .npz (default: data/<env>_<obs>.npz)"})
     image_size: int = field(default=64, metadata={"help": "frames are resized to this square size (not MiniGrid's symbolic mode)"})
     channels: int = field(default=3, metadata={"help": "3: RGB frames; 1: grayscale", "choices": [1, 3]})
+    num_envs: int = field(default=1, metadata={"help": "worker processes playing episodes in parallel (same file as one process)"})
     frame_skip: int = field(default=1, metadata={"help": "repeat each action this many env steps (rewards summed); store every k-th frame"})
     obs: str = field(
         default="rgb",
@@ -353,6 +354,41 @@ def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.
     return out
 
 
+def open_source(cfg: CollectConfig):
+    """(env, episode(e) -> arrays, action space for meta, meta about the frames) for cfg.env."""
+    if is_minigrid(cfg.env):
+        env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
+        n_actions = int(env.action_space.n)
+        extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout}
+        return (
+            env,
+            lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size),
+            {"type": "discrete", "n": n_actions},
+            {"obs_mode": cfg.obs, "extra": extra},
+        )
+    env, source = make_pixel_env(cfg.env)
+    sampler = action_sampler(env.action_space)
+    return env, (lambda e: run_pixel_episode(env, source, e, cfg, sampler)), sampler[2], {"obs_mode": f"pixels ({source})", "extra": {}}
+
+
+_WORKER_EPISODE = None  # a --num-envs worker process's own env, opened once
+
+
+def _init_worker(cfg: CollectConfig) -> None:
+    global _WORKER_EPISODE
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)  # one core per worker: the parallelism is across processes
+    _WORKER_EPISODE = open_source(cfg)[1]
+
+
+def _worker_episode(e: int) -> dict[str, np.ndarray]:
+    return _WORKER_EPISODE(e)
+
+
 def main(cfg: CollectConfig) -> Path:
     from tqdm import tqdm
 
@@ -365,34 +401,32 @@ def main(cfg: CollectConfig) -> Path:
         fail(f"--out {out} must end in .npz")
     if cfg.frame_skip < 1:
         fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
+    if cfg.num_envs < 1:
+        fail(f"--num-envs must be at least 1, got {cfg.num_envs}")
     minigrid_env = is_minigrid(cfg.env)
-    if minigrid_env:
-        if cfg.frame_skip != 1:
-            fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
-        env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
-        n_actions = int(env.action_space.n)
-        space = {"type": "discrete", "n": n_actions}
-
-        def episode(e: int) -> dict[str, np.ndarray]:
-            return run_episode(env, e, cfg, n_actions, cfg.image_size)
-    else:
-        if cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout:
-            fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
-        env, source = make_pixel_env(cfg.env)
-        sampler = action_sampler(env.action_space)
-        space = sampler[2]
-
-        def episode(e: int) -> dict[str, np.ndarray]:
-            return run_pixel_episode(env, source, e, cfg, sampler)
-
+    if minigrid_env and cfg.frame_skip != 1:
+        fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
+    if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout):
+        fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
+    env, episode, space, source_meta = open_source(cfg)
     check_writable_dir(out.parent, "output directory")
     episodes: list[dict[str, np.ndarray]] = []
-    interrupted, total = False, 0
-    bar = tqdm(range(cfg.episodes), desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
+    interrupted, total, pool = False, 0, None
+    if cfg.num_envs > 1:
+        # Episodes are independent (seeded by e), so workers can play them in any order; map()
+        # hands them back in episode order: the file is the one a single process writes.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(cfg.num_envs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(cfg,))
+        results = pool.map(_worker_episode, range(cfg.episodes))
+    else:
+        results = map(episode, range(cfg.episodes))
+    bar = tqdm(results, total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
     try:
-        for e in bar:
-            episodes.append(episode(e))
-            total += len(episodes[-1]["action"])
+        for ep in bar:
+            episodes.append(ep)
+            total += len(ep["action"])
             bar.set_postfix(transitions=total, refresh=False)
     except KeyboardInterrupt:
         interrupted = True
@@ -400,6 +434,8 @@ def main(cfg: CollectConfig) -> Path:
     finally:
         bar.close()
         env.close()
+        if pool is not None:
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
     if not episodes:
         fail("no complete episode was collected; nothing written")
     frame_shape = list(episodes[0]["obs"].shape[1:])
@@ -408,12 +444,12 @@ def main(cfg: CollectConfig) -> Path:
         "seed": cfg.seed,
         "episodes": len(episodes),
         "max_steps": cfg.max_steps,
-        "obs_mode": cfg.obs if minigrid_env else f"pixels ({source})",
+        "obs_mode": source_meta["obs_mode"],
         "image_shape": frame_shape,
         "action_space": space,
         "frame_skip": cfg.frame_skip,
         "policy": f"uniform random over {'left/right/forward' if cfg.actions == 'nav' else 'all actions'}",
-        **({"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout} if minigrid_env else {}),
+        **source_meta["extra"],
         "collector_version": COLLECTOR_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": to_jsonable(cfg),
