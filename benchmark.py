@@ -2,6 +2,7 @@
 
     python benchmark.py --out bench.json
 
+- collect (parallel): the whole collector with --num-envs N vs 1, wall clock.
 - collect: collector steps/s vs a bare gymnasium loop stepping the same env, seeds and actions
   and rendering the same frames (1.0 = no overhead); with and without writing the .npz.
 - train: full training-loop samples/s (DataLoader, uint8 -> float, EMA, logging) vs the
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
+from collect_minigrid_data import main as collect_main
 from minigrid_dataset import MiniGridTransitions, make_loaders
 from wm_common import FitSettings, choose_device, fit, run_cli, seed_everything, write_json
 from world_model_jepa import JEPAConfig, JEPAWorldModel
@@ -43,6 +45,7 @@ class BenchConfig:
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps", "choices": ["auto", "cpu", "cuda", "mps"]})
     seed: int = field(default=0, metadata={"help": "seed"})
+    num_envs: int = field(default=2, metadata={"help": "worker processes for the parallel-collection figure"})
 
 
 def rss_bytes() -> int:
@@ -92,6 +95,19 @@ def bench_collect(cfg: BenchConfig, tmp: Path) -> dict:
         "write_seconds": write_s,
         "path": path,
     }
+
+
+def bench_parallel(cfg: BenchConfig, tmp: Path) -> dict:
+    """The whole collector (start-up, episodes, writing) with --num-envs 1 and N on the same
+    episodes: wall-clock speed-up of N worker processes."""
+    times = {}
+    for n in (1, cfg.num_envs):
+        ccfg = CollectConfig(env=cfg.env, episodes=4 * cfg.episodes, seed=cfg.seed, actions="nav", num_envs=n, out=str(tmp / f"par{n}.npz"))
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            collect_main(ccfg)
+        times[n] = time.perf_counter() - t
+    return {"episodes": 4 * cfg.episodes, "num_envs": cfg.num_envs, "seconds": times, "speedup": times[1] / times[cfg.num_envs]}
 
 
 def _load_and_measure(path: str) -> dict:
@@ -187,6 +203,7 @@ def main(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         col = bench_collect(cfg, tmp)
+        par = bench_parallel(cfg, tmp)
         path = col.pop("path")
         dat = bench_data(path)
         data = MiniGridTransitions(path)
@@ -194,6 +211,7 @@ def main(cfg: BenchConfig) -> dict:
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "collect": col,
+        "collect_parallel": par,
         "data": dat,
         **{f"train_{arch}": tr for arch, tr in trains.items()},
     }
@@ -207,6 +225,11 @@ def main(cfg: BenchConfig) -> dict:
             "collect: bare / collector incl. writing .npz",
             col["bare_over_collector_with_write"],
             f"{col['collector_with_write_steps_per_s']:.0f} steps/s",
+        ),
+        (
+            f"collect: --num-envs {par['num_envs']} speed-up over 1 (target >= 1.3)",
+            par["speedup"],
+            f"{par['episodes']} episodes: {par['seconds'][1]:.1f} s vs {par['seconds'][par['num_envs']]:.1f} s",
         ),
         *(
             (
