@@ -238,12 +238,15 @@ def test_summary_not_a_transitions_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "env_id, fragment",
-    [("MiniGrid-DoesNotExist-v0", "unknown env id"), ("CartPole-v1", "not a MiniGrid env")],
+    "env_id, extra, fragment",
+    [
+        ("MiniGrid-DoesNotExist-v0", (), "unknown env id"),
+        ("CartPole-v1", ("--obs", "symbolic"), "not a MiniGrid env"),  # CartPole itself is fine: any pixel env is
+    ],
 )
-def test_collect_bad_env(tmp_path, env_id, fragment):
+def test_collect_bad_env(tmp_path, env_id, extra, fragment):
     out = tmp_path / "x.npz"
-    proc = run("collect_minigrid_data.py", "--env", env_id, "--episodes", "1", "--out", out)
+    proc = run("collect_minigrid_data.py", "--env", env_id, "--episodes", "1", "--out", out, *extra)
     assert_one_line_error(proc, fragment)
     assert not out.exists()
 
