@@ -228,14 +228,20 @@ def run_pixel_episode(env, source: str, episode: int, cfg: CollectConfig, sample
         terms.append(terminated)
         if terminated or truncated:
             break
+    action_dtype = np.float32 if isinstance(actions[0], np.ndarray) else np.int64
+    return episode_arrays(np.stack(frames), np.asarray(actions, action_dtype), rewards, terms)
+
+
+def episode_arrays(frames: np.ndarray, actions: np.ndarray, rewards: list, terms: list) -> dict[str, np.ndarray]:
+    """One episode's per-step arrays from its T+1 frames and T actions, rewards, terminations;
+    `terminal_obs` is the frame after the last step."""
     t = len(actions)
     done = np.zeros(t, bool)
     done[-1] = True
-    all_frames = np.stack(frames)
     return {
-        "obs": all_frames[:-1],
-        "terminal_obs": all_frames[-1:],
-        "action": np.asarray(actions, np.float32 if isinstance(actions[0], np.ndarray) else np.int64),
+        "obs": frames[:-1],
+        "terminal_obs": frames[-1:],
+        "action": actions,
         "reward": np.asarray(rewards, np.float32),
         "done": done,
         "terminated": np.asarray(terms, bool),
@@ -320,16 +326,8 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
     all_frames = np.stack(frames)
     if cfg.obs != "symbolic":
         all_frames = to_frames(all_frames, cfg.channels, image_size)
-    done = np.zeros(t, bool)
-    done[-1] = True
     return {
-        "obs": all_frames[:-1],
-        "terminal_obs": all_frames[-1:],
-        "action": np.asarray(actions, np.int64),
-        "reward": np.asarray(rewards, np.float32),
-        "done": done,
-        "terminated": np.asarray(terms, bool),
-        "step": np.arange(t, dtype=np.int64),
+        **episode_arrays(all_frames, np.asarray(actions, np.int64), rewards, terms),
         "agent_pos": np.asarray(pos, np.int64).reshape(t, 2),
         "agent_dir": np.asarray(dirs, np.int64),
         "goal_pos": np.tile(np.asarray(goal, np.int64), (t, 1)),

@@ -75,6 +75,12 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def majority_rate(y_train: np.ndarray, y_test: np.ndarray) -> float:
+    """Accuracy on y_test of always guessing y_train's most frequent label."""
+    values, counts = np.unique(y_train, return_counts=True)
+    return float(np.mean(y_test == values[counts.argmax()]))
+
+
 def collect(out: Path, **overrides) -> Path:
     """Collects in-process with the tiny settings, overridden by keyword."""
     cfg = CollectConfig(**{**TINY, "out": str(out), **overrides})

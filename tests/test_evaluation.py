@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_one_line_error, collect, load_npz, ok, run
+from conftest import TINY, assert_one_line_error, collect, load_npz, majority_rate, ok, run
 
 from inspect_jepa_model import (
     SATURATED,
@@ -34,11 +34,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EMPTY = "MiniGrid-Empty-8x8-v0"
 DOORKEY = "MiniGrid-DoorKey-5x5-v0"
 PROBE_ACC_KEYS = {"agent_pos_acc", "agent_dir_acc", "goal_pos_acc"}
-
-
-def majority_rate(y_train, y_test):
-    values, counts = np.unique(y_train, return_counts=True)
-    return float(np.mean(y_test == values[counts.argmax()]))
 
 
 # ----------------------------------------------------------------------------- shuffled-label control

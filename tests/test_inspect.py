@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, collect, ok, run
+from conftest import assert_one_line_error, collect, majority_rate, ok, run
 
 from inspect_jepa_model import HORIZONS, linear_probe, probe_labels, probe_suite, rollout_errors, whole_episodes
 from minigrid_dataset import split_episodes
@@ -56,11 +56,6 @@ def grid_labels(n, rng, side=6):
         "goal_pos": torch.from_numpy(np.tile([side, side], (n, 1))),
     }
     return SimpleNamespace(fields=fields)
-
-
-def majority_rate(y_train, y_test):
-    values, counts = np.unique(y_train, return_counts=True)
-    return float(np.mean(y_test == values[counts.argmax()]))
 
 
 @pytest.fixture(scope="module")
