@@ -102,12 +102,12 @@ def bench_parallel(cfg: BenchConfig, tmp: Path) -> dict:
     episodes: wall-clock speed-up of N worker processes."""
     times = {}
     for n in (1, cfg.num_envs):
-        ccfg = CollectConfig(env=cfg.env, episodes=4 * cfg.episodes, seed=cfg.seed, actions="nav", num_envs=n, out=str(tmp / f"par{n}.npz"))
+        ccfg = CollectConfig(env=cfg.env, episodes=10 * cfg.episodes, seed=cfg.seed, actions="nav", num_envs=n, out=str(tmp / f"par{n}.npz"))
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             collect_main(ccfg)
         times[n] = time.perf_counter() - t
-    return {"episodes": 4 * cfg.episodes, "num_envs": cfg.num_envs, "seconds": times, "speedup": times[1] / times[cfg.num_envs]}
+    return {"episodes": 10 * cfg.episodes, "num_envs": cfg.num_envs, "seconds": times, "speedup": times[1] / times[cfg.num_envs]}
 
 
 def _load_and_measure(path: str) -> dict:
