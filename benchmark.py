@@ -102,7 +102,9 @@ def bench_parallel(cfg: BenchConfig, tmp: Path) -> dict:
     episodes: wall-clock speed-up of N worker processes."""
     times = {}
     for n in (1, cfg.num_envs):
-        ccfg = CollectConfig(env=cfg.env, episodes=10 * cfg.episodes, seed=cfg.seed, actions="nav", num_envs=n, out=str(tmp / f"par{n}.npz"))
+        ccfg = CollectConfig(
+            env=cfg.env, episodes=10 * cfg.episodes, seed=cfg.seed, actions="nav", num_envs=n, out=str(tmp / f"par{n}.npz")
+        )
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             collect_main(ccfg)

@@ -470,6 +470,8 @@ class FitSettings:
     out_dir: Path
     resume: bool
     title: str
+    compile: bool = False
+    amp: bool = False
 
 
 def fit(
@@ -500,6 +502,8 @@ def fit(
     fields = ["step", "epoch", "phase", "loss", *term_names, "embedding_std", "effective_rank", "samples_per_s", "time_s"]
     log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None)
     sampler = train_loader.batch_sampler
+    # compiling the bound loss leaves the module (and its state_dict) as it is
+    loss_fn = torch.compile(model.loss) if settings.compile else model.loss
     t_start = time.perf_counter()
     summary: dict[str, Any] = {}
 
@@ -517,7 +521,8 @@ def fit(
         t_window = time.perf_counter()
         for batch_idx, batch in enumerate(train_loader, start=1):
             obs, action, next_obs = (batch[k].to(device, non_blocking=True) for k in ("obs", "action", "next_obs"))
-            loss, terms = model.loss(obs, action, next_obs)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+                loss, terms = loss_fn(obs, action, next_obs)
             if not torch.isfinite(loss):
                 fail(
                     f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint "
@@ -644,6 +649,10 @@ class RunConfig:
     )
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of episodes held out for validation"})
     log_every: int = dataclasses.field(default=100, metadata={"help": "print and log every this many batches"})
+    compile: bool = dataclasses.field(
+        default=False, metadata={"help": "torch.compile the training loss (about 2x for the CNN JEPA on a CPU; the first steps compile)"}
+    )
+    amp: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast for the training forward pass (for GPUs)"})
     num_workers: int = dataclasses.field(
         default=0, metadata={"help": "DataLoader worker processes (0: load in the main process; batches are one gather)"}
     )
@@ -722,6 +731,8 @@ def run_training(
         out_dir=out,
         resume=cfg.resume,
         title=f"{arch} on {Path(cfg.data).name}",
+        compile=cfg.compile,
+        amp=cfg.amp,
     )
     info = {"arch": arch, "model_config": model.model_config(), "train_config": train_config, "data_meta": data_meta}
     summary = fit(

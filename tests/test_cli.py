@@ -339,3 +339,28 @@ def test_vicreg_keeps_latents_spread_where_seed003_collapses(tmp_path):
     n = [r for r in read_rows(tmp_path / "none") if r["phase"] == "val"][-1]
     assert float(v["effective_rank"]) > 3 * float(n["effective_rank"])
     assert float(v["embedding_std"]) > 10 * float(n["embedding_std"])
+
+
+def test_amp_trains_with_finite_falling_loss(data, tmp_path):
+    """--amp (bfloat16 autocast) runs on the CPU too; the model and checkpoint stay float32."""
+    out = tmp_path / "amp"
+    ok(train(data, out, "--amp"))
+    rows = [r for r in read_rows(out) if r["phase"] == "train"]
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert all(t.dtype == torch.float32 for t in weights(out)["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_losses(data, tmp_path, run_a):
+    """--compile changes speed, not the run: same rows and checkpoint keys, losses within float noise."""
+    out = tmp_path / "compiled"
+    ok(train(data, out, "--compile"))
+    eager, compiled = loss_table(run_a[0]), loss_table(out)
+    assert len(eager) == len(compiled)
+    for row_e, row_c in zip(eager, compiled, strict=True):
+        for e, c in zip(row_e, row_c, strict=True):
+            if e == c:
+                continue
+            assert float(c) == pytest.approx(float(e), rel=1e-3, abs=1e-5), (row_e, row_c)
+    assert weights(out)["model"].keys() == weights(run_a[0])["model"].keys()
