@@ -370,7 +370,15 @@ def episode_seed(cfg: PlanConfig, e: int) -> int:
 
 
 def run_episode(
-    env, planner: Planner | None, actions: list[int], cfg: PlanConfig, e: int, image_size, goal_obs, channels: int = 3
+    env,
+    planner: Planner | None,
+    actions: list[int],
+    cfg: PlanConfig,
+    e: int,
+    image_size,
+    goal_obs,
+    channels: int = 3,
+    film: list | None = None,
 ) -> dict[str, Any]:
     """One episode from the seeded start: the planner's when given, else a uniform random policy
     over the same actions."""
@@ -389,6 +397,8 @@ def run_episode(
             planner.graph.set_goal(goals)
     act_rng = np.random.default_rng([cfg.seed, e, 1])
     path, reward, trace, t0 = [start[:2]], 0.0, [], time.perf_counter()
+    if film is not None:
+        film.append(base.get_frame(highlight=True, tile_size=16))
     for _ in range(limit):
         if planner is None:
             a = int(act_rng.choice(actions))
@@ -399,6 +409,8 @@ def run_episode(
             a = planner.act(frame)
         obs, reward, terminated, truncated, _ = env.step(a)
         path.append((int(base.agent_pos[0]), int(base.agent_pos[1])))
+        if film is not None:
+            film.append(base.get_frame(highlight=True, tile_size=16))
         if terminated or truncated:
             break
     return {
@@ -476,6 +488,14 @@ def draw(env_id: str, env, episodes: list[dict], out_png: Path) -> None:
     plt.close(fig)
 
 
+def save_gif(frames: list[np.ndarray], path: Path) -> None:
+    """The first planned episode as an animation, 4 frames per second (Pillow ships with matplotlib)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    atomic_write(path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0))
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -536,10 +556,10 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     planner = Planner(cfg, imagination, actions, graph, cfg.seed)
     from tqdm import tqdm
 
-    planned, random_runs = [], []
+    planned, random_runs, film = [], [], []
     bar = tqdm(range(cfg.episodes), desc=f"plan {env_id}", unit="ep", dynamic_ncols=True)
     for e in bar:
-        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs, channels))
+        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs, channels, film if e == 0 else None))
         random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs, channels))
         bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
     bar.close()
@@ -567,6 +587,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     }
     write_json(out / "plan.json", report)
     draw(env_id, env, planned, out / "plan.png")
+    save_gif(film, out / "plan.gif")
     env.close()
     ratio = report["steps_over_oracle"]
     print(
@@ -581,7 +602,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         f"does the cost track the true distance? rank correlation with the oracle's steps over {d['states']} visited states: "
         f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}"
     )
-    print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}")
+    print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
     return report
 
 

@@ -401,6 +401,14 @@ def check_report(out, planner, horizon):
     assert report["mean_steps"] == (np.mean(wins) if wins else None)
     assert report["oracle_mean_steps"] == pytest.approx(np.mean([e["oracle_steps"] for e in episodes]))
     assert (out / "plan.png").read_bytes().startswith(PNG_SIGNATURE)
+    from PIL import Image
+
+    with Image.open(out / "plan.gif") as gif:  # the first episode, 250 ms per state (Pillow merges repeated frames)
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        assert gif.format == "GIF" and sum(durations) == 250 * (episodes[0]["steps"] + 1)
     return report
 
 
