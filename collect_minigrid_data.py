@@ -44,7 +44,9 @@ class CollectConfig:
         default=None, metadata={"help": "cap on stored transitions per episode, each --frame-skip env steps (default: the env's own limit)"}
     )
     seed: int = field(default=0, metadata={"help": "episode e is reset with seed+e; actions drawn from (seed, e)"})
-    out: str = field(default="", metadata={"help": "output .npz (default: data/<env>_<obs>.npz)"})
+    out: str = field(
+        default="", metadata={"help": "output .npz, or a directory name for memory-mapped arrays (default: data/<env>_<obs>.npz)"}
+    )
     image_size: int = field(default=64, metadata={"help": "frames are resized to this square size (not MiniGrid's symbolic mode)"})
     channels: int = field(default=3, metadata={"help": "3: RGB frames; 1: grayscale", "choices": [1, 3]})
     num_envs: int = field(default=1, metadata={"help": "worker processes playing episodes in parallel (same file as one process)"})
@@ -352,6 +354,26 @@ def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.
     return out
 
 
+def write_array_dir(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The directory layout: one uncompressed .npy per key plus meta.json, so the loader can
+    memory-map the frames and datasets larger than RAM stay readable. Written next to its
+    destination and renamed into place; an older directory is replaced only after that."""
+    import shutil
+
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for key, value in arrays.items():
+        if key == "meta":
+            (tmp / "meta.json").write_text(str(value))
+        else:
+            np.save(tmp / f"{key}.npy", value)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def open_source(cfg: CollectConfig):
     """(env, episode(e) -> arrays, action space for meta, meta about the frames) for cfg.env."""
     if is_minigrid(cfg.env):
@@ -396,7 +418,8 @@ def main(cfg: CollectConfig) -> Path:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
     out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
     if out.suffix != ".npz":
-        fail(f"--out {out} must end in .npz")
+        if out.suffix:
+            fail(f"--out {out} must end in .npz (one compressed file) or be a directory name (memory-mapped arrays)")
     if cfg.frame_skip < 1:
         fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
     if cfg.num_envs < 1:
@@ -454,15 +477,21 @@ def main(cfg: CollectConfig) -> Path:
     }
     arrays = assemble(episodes, meta)
 
-    def write(p: Path) -> None:
-        with p.open("wb") as f:
-            np.savez_compressed(f, **arrays)
+    if out.suffix == ".npz":
 
-    atomic_write(out, write)
+        def write(p: Path) -> None:
+            with p.open("wb") as f:
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(out, write)
+        size = out.stat().st_size
+    else:
+        write_array_dir(out, arrays)
+        size = sum(f.stat().st_size for f in out.iterdir())
     n = len(arrays["action"])
     print(
         f"Saved {n} transitions from {len(episodes)} episodes ({frame_shape[0]}x{frame_shape[1]}x{frame_shape[2]} "
-        f"{meta['obs_mode']}) to {out} ({out.stat().st_size / 1e6:.1f} MB)"
+        f"{meta['obs_mode']}) to {out} ({size / 1e6:.1f} MB)"
     )
     if interrupted:
         raise KeyboardInterrupt

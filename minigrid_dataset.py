@@ -27,19 +27,41 @@ PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
 OPTIONAL_PROBE_KEYS = ("door_state", "carrying")
 
 
+def load_npz(p: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
+        fail(f"{p} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); re-run collect_minigrid_data.py")
+    except Exception as e:  # zlib and format errors from truncated or random bytes have many types
+        fail(f"{p} is corrupt ({type(e).__name__}); re-run collect_minigrid_data.py")
+
+
+def load_array_dir(p: Path) -> dict[str, np.ndarray]:
+    """A directory written by the collector (`--out DIR`): each key's .npy memory-mapped
+    copy-on-write, so frames are read from disk as batches need them instead of held in RAM."""
+    files = sorted(p.glob("*.npy"))
+    if not files:
+        fail(f"{p} is a directory without .npy arrays; point --data at a .npz or a directory written by collect_minigrid_data.py --out DIR")
+    try:
+        arrays = {f.stem: np.load(f, mmap_mode="c", allow_pickle=False) for f in files}
+    except (ValueError, OSError) as e:
+        fail(f"{p}: an array file is damaged ({type(e).__name__}: {str(e)[:80]}); re-collect it")
+    if (p / "meta.json").is_file():
+        arrays["meta"] = np.array((p / "meta.json").read_text())
+    return arrays
+
+
 def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
     """Reads and validates a transitions file. Returns (arrays, meta, notes); every problem a
     user can cause is a one-line UserError naming the file and the fix."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        arrays = load_array_dir(p)
+    elif not p.is_file():
         fail(f"data file {path} not found; run collect_minigrid_data.py first or fix --data")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
-        fail(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); re-run collect_minigrid_data.py")
-    except Exception as e:  # zlib and format errors from truncated or random bytes have many types
-        fail(f"{path} is corrupt ({type(e).__name__}); re-run collect_minigrid_data.py")
+    else:
+        arrays = load_npz(p)
     notes: list[str] = []
     for old, new in LEGACY_NAMES.items():
         if old in arrays and new not in arrays:
@@ -143,6 +165,7 @@ class MiniGridTransitions(Dataset):
     def __init__(self, path: str | Path):
         arrays, self.meta, self.notes = load_arrays(path)
         self.path = str(path)
+        self.memory_mapped = Path(path).is_dir()
         # torch.from_numpy shares memory with the arrays: no copy of the frames.
         self.obs = torch.from_numpy(arrays.pop("obs"))
         self.terminal_obs = torch.from_numpy(arrays.pop("terminal_obs"))
@@ -275,7 +298,8 @@ def summary(data: MiniGridTransitions) -> str:
         f"transitions   {n}",
         f"episodes      {len(eps)} (length min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()})",
         f"frames        {list(data.frame_shape)} uint8, {len(data.obs) + len(data.terminal_obs)} stored "
-        f"({data.frame_bytes / 1e6:.1f} MB in RAM, {data.frame_bytes / n / 1e3:.1f} kB per transition; "
+        f"({data.frame_bytes / 1e6:.1f} MB {'memory-mapped from disk' if data.memory_mapped else 'in RAM'}, "
+        f"{data.frame_bytes / n / 1e3:.1f} kB per transition; "
         f"storing obs and next_obs separately would take {2 * data.obs.nbytes / 1e6:.1f} MB)",
         f"reward        sum {float(data.fields['reward'].sum()):.2f}, "
         f"{int((data.fields['reward'] > 0).sum())} rewarded steps, {int(data.fields['done'].sum())} episode ends",
@@ -290,7 +314,7 @@ def summary(data: MiniGridTransitions) -> str:
         cells = len(np.unique(pos[:, 0] * 1000 + pos[:, 1]))
         lines.append(f"agent cells   {cells} distinct positions visited")
     total = sum(t.nbytes for t in (data.obs, data.terminal_obs, data.next_index, *data.fields.values()))
-    lines.append(f"memory        {total / 1e6:.1f} MB held in total")
+    lines.append(f"memory        {total / 1e6:.1f} MB {'mapped' if data.memory_mapped else 'held'} in total")
     lines += [f"note          {note}" for note in data.notes]
     return "\n".join(lines)
 
