@@ -38,6 +38,7 @@ class TrainConfig(ViTArgs, RunConfig):
     sim_coeff: float | None = field(default=None, metadata={"help": "weight of the prediction loss (default: cnn 1, vit 25)"})
     std_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg variance term (default: cnn 1, vit 25)"})
     cov_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg covariance term (default: cnn 0.04, vit 1)"})
+    idm_coeff: float = field(default=0.0, metadata={"help": "cnn: weight of an inverse-dynamics loss ((z_t, z_t+1) -> a_t); 0 = off"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
     arrangement: str = field(
@@ -63,7 +64,12 @@ def coeffs(cfg: TrainConfig) -> dict[str, float]:
 
 def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
     if cfg.arch == "cnn":
-        config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
+        if saved is not None and saved.get("idm_coeff", 0.0) != cfg.idm_coeff:
+            fail(f"the run was trained with --idm-coeff {saved.get('idm_coeff', 0.0)}; resume it with the same value")
+        try:
+            config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
+        except ValueError as e:
+            fail(f"{e} (--idm-coeff)")
         shape = config.obs_shape
         model = JEPAWorldModel(config=config)
     else:
@@ -89,6 +95,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         sim_coeff=c["sim"],
         std_coeff=c["std"],
         cov_coeff=c["cov"],
+        idm_coeff=cfg.idm_coeff,
     )
 
 
@@ -110,7 +117,10 @@ def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or f"checkpoints/jepa_{cfg.arch}"
-    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=LOSS_TERMS)
+    if cfg.idm_coeff < 0 or (cfg.idm_coeff > 0 and cfg.arch != "cnn"):
+        fail(f"--idm-coeff {cfg.idm_coeff}: the inverse-dynamics loss is a non-negative weight for --arch cnn")
+    terms = LOSS_TERMS + (["idm_loss"] if cfg.idm_coeff > 0 else [])
+    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=terms)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from wm_common import action_embedding, ema_update, frames_to_float, latent_rollout, normalized_mse, vicreg_cov_loss, vicreg_std_loss
 
@@ -35,10 +36,13 @@ class JEPAConfig:
     sim_coeff: float = 1.0
     std_coeff: float = 1.0
     cov_coeff: float = 0.04
+    idm_coeff: float = 0.0  # > 0 adds an inverse-dynamics head: (z_t, z_t+1) -> a_t (discrete actions)
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
             raise ValueError(f"reg must be 'none' or 'vicreg', got {self.reg!r}")
+        if self.idm_coeff > 0 and self.continuous_actions:
+            raise ValueError("the inverse-dynamics head classifies discrete actions; continuous actions need idm_coeff 0")
 
 
 class CNNEncoder(nn.Module):
@@ -101,6 +105,15 @@ class JEPAWorldModel(nn.Module):
             hidden_dim=config.predictor_hidden_dim,
         )
 
+        if config.idm_coeff > 0:
+            # Which action led from z_t to z_t+1? Latents that answer it must encode what actions
+            # change (the agent's cell and heading), which a plain JEPA loss does not force.
+            self.inverse = nn.Sequential(
+                nn.Linear(2 * config.latent_dim, config.predictor_hidden_dim),
+                nn.ReLU(),
+                nn.Linear(config.predictor_hidden_dim, config.num_actions),
+            )
+
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,H,W,C] -> online latents [B,D]."""
         return self.encoder(frames_to_float(obs, self.config.pixel_scale))
@@ -127,8 +140,14 @@ class JEPAWorldModel(nn.Module):
         loss = cfg.sim_coeff * pred_loss
         if cfg.reg == "vicreg":
             loss = loss + cfg.std_coeff * std_loss + cfg.cov_coeff * cov_loss
+        terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
+        if cfg.idm_coeff > 0:
+            logits = self.inverse(torch.cat([z, self.encode(next_obs)], dim=-1))  # [B,A]
+            idm_loss = F.cross_entropy(logits, action)
+            loss = loss + cfg.idm_coeff * idm_loss
+            terms["idm_loss"] = idm_loss.detach()
         # The VICReg terms are logged under reg="none" too: there they show the collapse.
-        return loss, {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
+        return loss, terms
 
     def update_target(self) -> None:
         ema_update(self.target_encoder, self.encoder, self.config.ema_decay)

@@ -364,3 +364,15 @@ def test_compile_matches_eager_losses(data, tmp_path, run_a):
                 continue
             assert float(c) == pytest.approx(float(e), rel=1e-3, abs=1e-5), (row_e, row_c)
     assert weights(out)["model"].keys() == weights(run_a[0])["model"].keys()
+
+
+def test_idm_coeff_trains_and_logs_its_term(data, tmp_path):
+    out = tmp_path / "idm"
+    ok(train(data, out, "--idm-coeff", "1"))
+    rows = [r for r in read_rows(out) if r["phase"] == "train"]
+    assert all(math.isfinite(float(r["idm_loss"])) for r in rows)
+    assert json.loads((out / "config.json").read_text())["train"]["idm_coeff"] == 1.0
+    assert any(k.startswith("inverse") for k in weights(out)["model"])
+    proc = train(data, out, "--resume", "--idm-coeff", "0", epochs=3)
+    assert_one_line_error(proc, "--idm-coeff 1.0")
+    assert_one_line_error(train(data, tmp_path / "vit_idm", "--arch", "vit", "--idm-coeff", "1"), "--idm-coeff")

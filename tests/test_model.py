@@ -176,3 +176,33 @@ def test_training_on_a_legacy_file(tmp_path, capsys, tiny_npz, tiny_arrays):
     assert "note: no 'episode' key: episodes recovered from 'done'" in out
     assert "metadata for probes is missing" in out
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_inverse_dynamics_head_is_off_by_default_and_learns_the_action_when_on():
+    """idm_coeff 0 leaves the model (and its checkpoints) as before; > 0 adds a head whose
+    cross-entropy is a loss term and trains the encoder to tell actions apart."""
+    plain = JEPAWorldModel(config=JEPAConfig(obs_shape=[16, 16, 3], num_actions=3, latent_dim=16))
+    assert not any(k.startswith("inverse") for k in plain.state_dict())
+    torch.manual_seed(0)
+    model = JEPAWorldModel(config=JEPAConfig(obs_shape=[16, 16, 3], num_actions=3, latent_dim=16, idm_coeff=1.0))
+    # a toy world: action a moves a bright pixel a+1 columns
+    obs = torch.zeros(48, 16, 16, 3, dtype=torch.uint8)
+    nxt = torch.zeros_like(obs)
+    action = torch.arange(48) % 3
+    for i in range(48):
+        r, c = i % 16, i % 8
+        obs[i, r, c] = 255
+        nxt[i, r, c + int(action[i]) + 1] = 255
+    loss, terms = model.loss(obs, action, nxt)
+    assert set(terms) == {"pred_loss", "std_loss", "cov_loss", "idm_loss"}
+    first = float(terms["idm_loss"])
+    assert first == pytest.approx(float(torch.log(torch.tensor(3.0))), abs=0.3)  # chance at init
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, terms = model.loss(obs, action, nxt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(terms["idm_loss"]) < 0.2 * first
+    with pytest.raises(ValueError, match="discrete"):
+        JEPAConfig(continuous_actions=True, num_actions=2, idm_coeff=1.0)
