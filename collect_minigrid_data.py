@@ -374,9 +374,9 @@ def write_array_dir(out: Path, arrays: dict[str, np.ndarray]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def open_source(cfg: CollectConfig):
+def open_source(cfg: CollectConfig, minigrid_env: bool):
     """(env, episode(e) -> arrays, action space for meta, meta about the frames) for cfg.env."""
-    if is_minigrid(cfg.env):
+    if minigrid_env:
         env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
         n_actions = int(env.action_space.n)
         extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout}
@@ -402,7 +402,7 @@ def _init_worker(cfg: CollectConfig) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)  # one core per worker: the parallelism is across processes
-    _WORKER_EPISODE = open_source(cfg)[1]
+    _WORKER_EPISODE = open_source(cfg, is_minigrid(cfg.env))[1]
 
 
 def _worker_episode(e: int) -> dict[str, np.ndarray]:
@@ -429,7 +429,7 @@ def main(cfg: CollectConfig) -> Path:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
     if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout):
         fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
-    env, episode, space, source_meta = open_source(cfg)
+    env, episode, space, source_meta = open_source(cfg, minigrid_env)
     check_writable_dir(out.parent, "output directory")
     episodes: list[dict[str, np.ndarray]] = []
     interrupted, total, pool = False, 0, None

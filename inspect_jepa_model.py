@@ -171,29 +171,41 @@ def pixel_rollout_errors(
     if chance < 1e-12:
         chance = torch.tensor(float("nan"))
     starts = np.arange(0, n, max(1, n // PIXEL_ROLLOUT_STARTS))
+
+    def step(x: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return in_batches(model.step_frames, x, actions[j], batch_size=batch_size, device=device)
+
+    def score(x: torch.Tensor, kept: np.ndarray, j: torch.Tensor) -> tuple[float, float]:
+        first = obs[torch.from_numpy(kept)].permute(0, 3, 1, 2).float() / scale
+        return float((x - truth[j]).pow(2).mean() / chance), float((first - truth[j]).pow(2).mean() / chance)
+
     x = obs[torch.from_numpy(starts)].permute(0, 3, 1, 2).float() / scale
-    first = x.clone()
+    return {
+        **open_loop(starts, x, step, score, episode),
+        "space": "pixels",
+        "normalisation": "pixel MSE / that of the mean frame (1 = chance)",
+    }
+
+
+def open_loop(starts: np.ndarray, state: torch.Tensor, step, score, episode: np.ndarray) -> dict[str, Any]:
+    """Rolls `state` (one row per start) forward for each horizon in HORIZONS, feeding every
+    prediction back: step(state, j) advances it with the logged transitions j, score(state,
+    starts, j) -> (error, copy-baseline error). Starts whose episode ends first drop out."""
     errors, copies, counts = [], [], []
     for h in HORIZONS:
         keep = same_episode(starts, h, episode)
-        starts, x, first = starts[keep], x[torch.from_numpy(keep)], first[torch.from_numpy(keep)]
+        starts, state = starts[keep], state[torch.from_numpy(keep).to(state.device)]
         counts.append(len(starts))
         if len(starts) == 0:
             errors.append(float("nan"))
             copies.append(float("nan"))
             continue
         j = torch.from_numpy(starts + h - 1)
-        x = in_batches(lambda f, a: model.decode(model.encoder(f)[1], a), x, actions[j], batch_size=batch_size, device=device)
-        errors.append(float((x - truth[j]).pow(2).mean() / chance))
-        copies.append(float((first - truth[j]).pow(2).mean() / chance))
-    return {
-        "horizons": HORIZONS,
-        "error": errors,
-        "copy_baseline_error": copies,
-        "num_starts": counts,
-        "space": "pixels",
-        "normalisation": "pixel MSE / that of the mean frame (1 = chance)",
-    }
+        state = step(state, j)
+        error, copy = score(state, starts, j)
+        errors.append(error)
+        copies.append(copy)
+    return {"horizons": HORIZONS, "error": errors, "copy_baseline_error": copies, "num_starts": counts}
 
 
 def same_episode(starts: np.ndarray, h: int, episode: np.ndarray) -> np.ndarray:
@@ -232,27 +244,16 @@ def rollout_errors(
     chance = unit_sq_dist(unit, F.normalize(unit.mean(0), dim=0).expand_as(unit))
     if chance < 1e-6:
         chance = torch.tensor(float("nan"))
-    starts = np.arange(n)
-    z = z0.to(device)
-    errors, copies, counts = [], [], []
-    for h in HORIZONS:
-        keep = same_episode(starts, h, episode)
-        starts, z = starts[keep], z[torch.from_numpy(keep).to(device)]
-        counts.append(len(starts))
-        if len(starts) == 0:
-            errors.append(float("nan"))
-            copies.append(float("nan"))
-            continue
-        j = torch.from_numpy(starts + h - 1)
-        z = model.predict(z, actions[j].to(device))
+
+    def step(z: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return model.predict(z, actions[j].to(device))
+
+    def score(z: torch.Tensor, kept: np.ndarray, j: torch.Tensor) -> tuple[float, float]:
         target = z_next_tgt[j]
-        errors.append(float(unit_sq_dist(z.cpu(), target) / chance))
-        copies.append(float(unit_sq_dist(z_cur_tgt[torch.from_numpy(starts)], target) / chance))
+        return float(unit_sq_dist(z.cpu(), target) / chance), float(unit_sq_dist(z_cur_tgt[torch.from_numpy(kept)], target) / chance)
+
     return {
-        "horizons": HORIZONS,
-        "error": errors,
-        "copy_baseline_error": copies,
-        "num_starts": counts,
+        **open_loop(np.arange(n), z0.to(device), step, score, episode),
         "normalisation": "squared distance of unit latents / that of the best constant guess, the mean direction (1 = chance)",
     }
 
@@ -271,8 +272,7 @@ def predicted_features(
         scale = model.config.pixel_scale
         state = data.obs[torch.from_numpy(idx)].permute(0, 3, 1, 2).float() / scale  # [B,C,H,W] frames
 
-        def step(x, a):
-            return model.decode(model.encoder(x)[1], a)
+        step = model.step_frames
 
         def features(x):
             return in_batches(lambda f: model.encoder(f)[0], x, batch_size=batch_size, device=device)

@@ -112,7 +112,7 @@ class Imagination:
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         action = action.to(self.device)
         if self.pixels:
-            return self.model.decode(self.model.encoder(state)[1], action)
+            return self.model.step_frames(state, action)
         return self.model.predict(state, action)
 
     def embed(self, state: torch.Tensor) -> torch.Tensor:

@@ -250,16 +250,21 @@ class ViTEncoderDecoder(nn.Module):
         out = self.norm(self.decoder(queries, self.memory_proj(tokens)))
         return torch.sigmoid(unpatchify(self.to_pixels(out), c.patch_size, c.input_channels))
 
+    def step_frames(self, frames: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """float frames [B,C,H,W] in [0,1] and actions -> predicted next frames, the same format
+        (so a prediction can be fed back)."""
+        return self.decode(self.encoder(frames)[1], action)
+
     def predict_frame(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """uint8 [B,H,W,C] frames and actions [B] -> predicted next frames, float [B,C,H,W] in [0,1]."""
-        return self.decode(self.encoder(frames_to_float(obs, self.config.pixel_scale))[1], action)
+        return self.step_frames(frames_to_float(obs, self.config.pixel_scale), action)
 
     def rollout_frames(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop in pixels: each predicted frame is fed back. -> [B,T,C,H,W] in [0,1]."""
         x = frames_to_float(obs, self.config.pixel_scale)
         out = []
         for t in range(actions.shape[1]):
-            x = self.decode(self.encoder(x)[1], actions[:, t])
+            x = self.step_frames(x, actions[:, t])
             out.append(x)
         return torch.stack(out, dim=1)
 
