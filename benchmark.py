@@ -2,11 +2,15 @@
 
     python benchmark.py --out bench.json
 
-- collect (parallel): the whole collector with --num-envs N vs 1, wall clock.
+- collect (parallel): the whole collector with --num-envs N vs 1, wall clock; and gymnasium's
+  AsyncVectorEnv with N envs vs one plain env, both bare loops, counting only real transitions
+  (the autoreset step after an episode ends is a reset, not a transition).
 - collect: collector steps/s vs a bare gymnasium loop stepping the same env, seeds and actions
   and rendering the same frames (1.0 = no overhead); with and without writing the .npz.
 - train: full training-loop samples/s (DataLoader, uint8 -> float, EMA, logging) vs the
   model-only step on a batch already on the device.
+- train (DDP): `torchrun --nproc_per_node N` vs one process, CNN JEPA, same global batch and
+  steps, samples/s from each run's metrics.csv.
 - data: dataset RAM vs the uint8 bytes of its frames; bytes per transition in RAM and on disk
   vs the naive layout that stores obs and next_obs separately.
 """
@@ -17,10 +21,13 @@ import io
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +117,53 @@ def bench_parallel(cfg: BenchConfig, tmp: Path) -> dict:
             collect_main(ccfg)
         times[n] = time.perf_counter() - t
     return {"episodes": 10 * cfg.episodes, "num_envs": cfg.num_envs, "seconds": times, "speedup": times[1] / times[cfg.num_envs]}
+
+
+def _vector_env_member(env_id: str, obs: str, image_size: int):
+    return make_env(env_id, obs, image_size)[0]
+
+
+def bench_vector_env(cfg: BenchConfig, steps: int) -> dict:
+    """gymnasium's AsyncVectorEnv (one subprocess per env, stepped in lock-step) against a
+    single plain env, both bare loops over `steps` transitions of the same rendered frames."""
+    import gymnasium as gym
+
+    def transitions_per_s(n: int) -> float:
+        make = partial(_vector_env_member, cfg.env, "rgb", 64)
+        venv = gym.vector.AsyncVectorEnv([make] * n) if n > 1 else gym.vector.SyncVectorEnv([make])
+        rng = np.random.default_rng(cfg.seed)
+        venv.reset(seed=cfg.seed)
+        ended = np.zeros(n, bool)
+        done = 0
+        t = time.perf_counter()
+        while done < steps:
+            _, _, term, trunc, _ = venv.step(rng.choice(3, size=n))
+            done += int((~ended).sum())  # an env that ended last step was reset by this one
+            ended = term | trunc
+        rate = done / (time.perf_counter() - t)
+        venv.close()
+        return rate
+
+    one, many = transitions_per_s(1), transitions_per_s(cfg.num_envs)
+    return {"num_envs": cfg.num_envs, "single_env_transitions_per_s": one, "async_vector_transitions_per_s": many, "speedup": many / one}
+
+
+def bench_ddp(cfg: BenchConfig, data_path: Path, tmp: Path) -> dict:
+    """The CNN JEPA trained by `train_jepa.py` in one process and by torchrun with N
+    processes (gloo on CPU, nccl on GPUs), same global batch and steps: samples/s of each."""
+    rates = {}
+    for n in (1, cfg.num_envs):
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        out = tmp / f"ddp{n}"
+        args = ["train_jepa.py", "--data", str(data_path), "--out-dir", str(out), "--epochs", "8", "--batch-size", str(cfg.batch_size)]
+        args += ["--log-every", "5", "--seed", str(cfg.seed), "--device", cfg.device]
+        proc = subprocess.run(launcher + args, cwd=Path(__file__).parent, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        with (out / "metrics.csv").open() as f:
+            r = [float(row["samples_per_s"]) for row in csv.DictReader(f) if row["phase"] == "train" and row["samples_per_s"]]
+        rates[n] = statistics.median(r[1:] if len(r) > 2 else r)
+    return {"processes": cfg.num_envs, "samples_per_s": rates, "speedup": rates[cfg.num_envs] / rates[1]}
 
 
 def _load_and_measure(path: str) -> dict:
@@ -206,14 +260,18 @@ def main(cfg: BenchConfig) -> dict:
         tmp = Path(tmp_s)
         col = bench_collect(cfg, tmp)
         par = bench_parallel(cfg, tmp)
+        vec = bench_vector_env(cfg, col["steps"])
         path = col.pop("path")
         dat = bench_data(path)
         data = MiniGridTransitions(path)
         trains = {arch: bench_train(cfg, arch, data, tmp / arch) for arch in ARCHS}
+        ddp = bench_ddp(cfg, path, tmp)
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "collect": col,
         "collect_parallel": par,
+        "collect_vector_env": vec,
+        "train_ddp": ddp,
         "data": dat,
         **{f"train_{arch}": tr for arch, tr in trains.items()},
     }
@@ -233,6 +291,11 @@ def main(cfg: BenchConfig) -> dict:
             par["speedup"],
             f"{par['episodes']} episodes: {par['seconds'][1]:.1f} s vs {par['seconds'][par['num_envs']]:.1f} s",
         ),
+        (
+            f"collect: gymnasium AsyncVectorEnv({vec['num_envs']}) over one env, bare",
+            vec["speedup"],
+            f"{vec['async_vector_transitions_per_s']:.0f} vs {vec['single_env_transitions_per_s']:.0f} transitions/s",
+        ),
         *(
             (
                 f"train {arch}: model-only / full loop (target <= 1.1)",
@@ -240,6 +303,11 @@ def main(cfg: BenchConfig) -> dict:
                 f"{tr['model_only_samples_per_s']:.0f} vs {tr['training_loop_samples_per_s']:.0f} samples/s",
             )
             for arch, tr in trains.items()
+        ),
+        (
+            f"train jepa_cnn: DDP {ddp.get('processes')} processes / 1 (same global batch)",
+            ddp.get("speedup", float("nan")),
+            ddp.get("error") or f"{ddp['samples_per_s'][1]:.0f} vs {ddp['samples_per_s'][ddp['processes']]:.0f} samples/s",
         ),
         (
             "data: RAM / uint8 frame bytes (target <= 1.1)",

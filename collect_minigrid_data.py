@@ -22,12 +22,13 @@ import datetime
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from wm_common import atomic_write, check_writable_dir, fail, run_cli, to_jsonable
+from wm_common import Interrupted, StopRequest, atomic_write, check_seed, check_writable_dir, fail, run_cli, to_jsonable, write_json
 
 COLLECTOR_VERSION = 2
 NAV_ACTIONS = (0, 1, 2)  # MiniGrid's left, right, forward
@@ -66,6 +67,12 @@ class CollectConfig:
     )
     fixed_layout: bool = field(
         default=False, metadata={"help": "reset every episode with --seed: one layout (vary starts with --start random)"}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue an interrupted collection into --out (same flags) from its saved shards"}
+    )
+    shard_mb: float = field(
+        default=256.0, metadata={"help": "RAM cap: once this many MB of episodes are buffered they go to a shard on disk"}
     )
     start: str = field(
         default="env",
@@ -338,40 +345,116 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
     }
 
 
+def link_episodes(lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays that tie concatenated episodes together: `episode` ids and `next_obs_index`,
+    which points obs_t+1 at the next row of `obs` inside an episode and at the episode's row of
+    `terminal_obs` (after all of `obs`) at its end."""
+    n = int(lengths.sum())
+    next_index = np.arange(1, n + 1, dtype=np.int64)
+    next_index[np.cumsum(lengths) - 1] = n + np.arange(len(lengths))
+    return {"episode": np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), "next_obs_index": next_index}
+
+
 def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.ndarray]:
     """Concatenates episodes into the .npz layout of design.md (compact next_obs)."""
-    lengths = np.array([len(e["action"]) for e in episodes])
-    n = int(lengths.sum())
-    out = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0] if k != "terminal_obs"}
-    out["terminal_obs"] = np.concatenate([e["terminal_obs"] for e in episodes])
-    out["episode"] = np.repeat(np.arange(len(episodes), dtype=np.int64), lengths)
-    # obs_t+1 is the next row of `obs` inside an episode, and the episode's terminal frame at its end.
-    next_index = np.arange(1, n + 1, dtype=np.int64)
-    ends = np.cumsum(lengths) - 1
-    next_index[ends] = n + np.arange(len(episodes))
-    out["next_obs_index"] = next_index
+    out = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
+    out.update(link_episodes(np.array([len(e["action"]) for e in episodes])))
     out["meta"] = np.array(json.dumps(meta))
     return out
 
 
-def write_array_dir(out: Path, arrays: dict[str, np.ndarray]) -> None:
-    """The directory layout: one uncompressed .npy per key plus meta.json, so the loader can
-    memory-map the frames and datasets larger than RAM stay readable. Written next to its
-    destination and renamed into place; an older directory is replaced only after that."""
-    import shutil
-
+def _swap_into_place(out: Path, fill) -> None:
+    """Builds a directory next to `out` with `fill(tmp_dir)` and renames it into place; an older
+    directory is replaced only once the new one is complete."""
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for key, value in arrays.items():
-        if key == "meta":
-            (tmp / "meta.json").write_text(str(value))
-        else:
-            np.save(tmp / f"{key}.npy", value)
+    fill(tmp)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_array_dir(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The directory layout: one uncompressed .npy per key plus meta.json, so the loader can
+    memory-map the frames and datasets larger than RAM stay readable."""
+
+    def fill(tmp: Path) -> None:
+        for key, value in arrays.items():
+            if key == "meta":
+                (tmp / "meta.json").write_text(str(value))
+            else:
+                np.save(tmp / f"{key}.npy", value)
+
+    _swap_into_place(out, fill)
+
+
+# ----------------------------------------------------------------------------- shards
+# A long collection keeps at most --shard-mb of frames in RAM: full buffers go to shards in
+# `.<out>.parts/` (each a directory of .npy, the episodes' own arrays concatenated, plus their
+# lengths) and `progress.json` records which are complete. Interrupted, the shards stay and
+# --resume carries on from the next episode; finished, they are merged into --out.
+
+RESUME_KEYS = ("env", "seed", "max_steps", "image_size", "channels", "frame_skip", "obs", "actions", "fixed_layout", "start")
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.parts")
+
+
+def read_progress(parts: Path) -> dict:
+    try:
+        progress = json.loads((parts / "progress.json").read_text())
+        return {"settings": dict(progress["settings"]), "shards": [dict(s) for s in progress["shards"]]}
+    except (OSError, ValueError, KeyError, TypeError):
+        fail(f"{parts} holds no readable progress.json; delete it and collect again")
+
+
+def write_shard(parts: Path, progress: dict, buffer: list[dict[str, np.ndarray]]) -> None:
+    name = f"shard_{len(progress['shards']):05d}"
+    arrays = {k: np.concatenate([e[k] for e in buffer]) for k in buffer[0]}
+    arrays["length"] = np.array([len(e["action"]) for e in buffer], np.int64)
+    write_array_dir(parts / name, arrays)
+    progress["shards"].append({"name": name, "episodes": len(buffer), "transitions": len(arrays["action"])})
+    write_json(parts / "progress.json", progress)  # the shard counts only once this names it
+
+
+def merge_shards(parts: Path, progress: dict, out: Path, meta: dict) -> None:
+    """Shards -> --out. A directory is filled key by key through memory maps, so RAM stays
+    bounded however large the data; a .npz is assembled in RAM (np.savez needs whole arrays)."""
+    shards = [parts / s["name"] for s in progress["shards"]]
+    lengths = np.concatenate([np.load(d / "length.npy") for d in shards])
+    keys = sorted(f.stem for f in shards[0].glob("*.npy") if f.stem != "length")
+    linked = link_episodes(lengths)
+    if out.suffix == ".npz":
+        arrays = {k: np.concatenate([np.load(d / f"{k}.npy") for d in shards]) for k in keys}
+        arrays.update(linked, meta=np.array(json.dumps(meta)))
+        atomic_write(out, lambda p: _savez(p, arrays))
+        return
+
+    def fill(tmp: Path) -> None:
+        for key in keys:
+            pieces = [np.load(d / f"{key}.npy", mmap_mode="r") for d in shards]
+            dest = np.lib.format.open_memmap(
+                tmp / f"{key}.npy", mode="w+", dtype=pieces[0].dtype, shape=(sum(map(len, pieces)), *pieces[0].shape[1:])
+            )
+            at = 0
+            for piece in pieces:
+                dest[at : at + len(piece)] = piece
+                at += len(piece)
+            dest.flush()
+            del dest
+        for key, value in linked.items():
+            np.save(tmp / f"{key}.npy", value)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    _swap_into_place(out, fill)
+
+
+def _savez(p: Path, arrays: dict[str, np.ndarray]) -> None:
+    with p.open("wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def open_source(cfg: CollectConfig, minigrid_env: bool):
@@ -416,23 +499,51 @@ def main(cfg: CollectConfig) -> Path:
         fail(f"--episodes must be at least 1, got {cfg.episodes}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    check_seed(cfg.seed)
     out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
     if out.suffix != ".npz":
         if out.suffix:
             fail(f"--out {out} must end in .npz (one compressed file) or be a directory name (memory-mapped arrays)")
+        if out.resolve() in (Path.cwd(), *Path.cwd().parents) or out.name in ("", ".", ".."):
+            fail(f"--out {cfg.out} names the working directory or one above it; give the dataset directory a name of its own")
+        if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "obs.npy").is_file()):
+            # the directory layout replaces --out whole: never something that is not a dataset
+            fail(f"--out {out} exists and is not a dataset directory from this collector; choose a new name")
+    elif out.is_dir():
+        fail(f"--out {out} is a directory; a .npz output needs a file name")
     if cfg.frame_skip < 1:
         fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
     if cfg.num_envs < 1:
         fail(f"--num-envs must be at least 1, got {cfg.num_envs}")
+    if cfg.shard_mb <= 0:
+        fail(f"--shard-mb must be positive, got {cfg.shard_mb}")
     minigrid_env = is_minigrid(cfg.env)
     if minigrid_env and cfg.frame_skip != 1:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
     if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout):
         fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
+    parts = parts_dir(out)
+    settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    progress = {"settings": settings, "shards": []}
+    if cfg.resume:
+        if not parts.is_dir():
+            fail(f"--resume: no interrupted collection into {out} (no {parts}); collect without --resume")
+        progress = read_progress(parts)
+        changed = [k for k in RESUME_KEYS if progress["settings"].get(k) != settings[k]]
+        if changed:
+            fail(
+                f"--resume: {', '.join(f'--{k.replace(chr(95), chr(45))}' for k in changed)} differ from the interrupted collection's; resume with the same flags"
+            )
+    elif parts.is_dir():
+        fail(f"{parts} holds an interrupted collection into {out}; continue it with --resume or delete that directory")
+    first = sum(s["episodes"] for s in progress["shards"])
+    if first > cfg.episodes:
+        fail(f"--resume: the interrupted collection already has {first} episodes, more than --episodes {cfg.episodes}")
     env, episode, space, source_meta = open_source(cfg, minigrid_env)
     check_writable_dir(out.parent, "output directory")
-    episodes: list[dict[str, np.ndarray]] = []
-    interrupted, total, pool = False, 0, None
+    buffer: list[dict[str, np.ndarray]] = []
+    buffered_bytes, total, pool = 0, 0, None
+    todo = range(first, cfg.episodes)
     if cfg.num_envs > 1:
         # Episodes are independent (seeded by e), so workers can play them in any order; map()
         # hands them back in episode order: the file is the one a single process writes.
@@ -440,30 +551,46 @@ def main(cfg: CollectConfig) -> Path:
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(cfg.num_envs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(cfg,))
-        results = pool.map(_worker_episode, range(cfg.episodes))
+        results = pool.map(_worker_episode, todo)
     else:
-        results = map(episode, range(cfg.episodes))
-    bar = tqdm(results, total=cfg.episodes, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
-    try:
-        for ep in bar:
-            episodes.append(ep)
-            total += len(ep["action"])
-            bar.set_postfix(transitions=total, refresh=False)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted: saving the {len(episodes)} complete episodes", flush=True)
-    finally:
-        bar.close()
-        env.close()
-        if pool is not None:
-            pool.shutdown(wait=not interrupted, cancel_futures=True)
-    if not episodes:
-        fail("no complete episode was collected; nothing written")
-    frame_shape = list(episodes[0]["obs"].shape[1:])
+        results = map(episode, todo)
+    bar = tqdm(results, total=cfg.episodes, initial=first, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
+    stopped = 0
+    with StopRequest("collection") as stop:
+        try:
+            for ep in bar:
+                buffer.append(ep)
+                buffered_bytes += sum(v.nbytes for v in ep.values())
+                total += len(ep["action"])
+                bar.set_postfix(transitions=total, refresh=False)
+                if buffered_bytes >= cfg.shard_mb * 1e6:
+                    parts.mkdir(exist_ok=True)
+                    write_shard(parts, progress, buffer)
+                    buffer, buffered_bytes = [], 0
+                if stop.requested:
+                    stopped = stop.requested
+                    break
+        finally:
+            bar.close()
+            env.close()
+            if pool is not None:
+                pool.shutdown(wait=not stopped, cancel_futures=True)
+    if stopped:
+        if buffer:
+            parts.mkdir(exist_ok=True)
+            write_shard(parts, progress, buffer)
+        done = sum(s["episodes"] for s in progress["shards"])
+        raise Interrupted(
+            f"interrupted after {done} of {cfg.episodes} episodes, kept in {parts}; continue with the same command and --resume", stopped
+        )
+    if progress["shards"] and buffer:
+        write_shard(parts, progress, buffer)
+    first_frames = buffer[0]["obs"] if not progress["shards"] else np.load(parts / progress["shards"][0]["name"] / "obs.npy", mmap_mode="r")
+    frame_shape = list(first_frames.shape[1:])
     meta = {
         "env": cfg.env,
         "seed": cfg.seed,
-        "episodes": len(episodes),
+        "episodes": cfg.episodes,
         "max_steps": cfg.max_steps,
         "obs_mode": source_meta["obs_mode"],
         "image_shape": frame_shape,
@@ -475,26 +602,20 @@ def main(cfg: CollectConfig) -> Path:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": to_jsonable(cfg),
     }
-    arrays = assemble(episodes, meta)
-
-    if out.suffix == ".npz":
-
-        def write(p: Path) -> None:
-            with p.open("wb") as f:
-                np.savez_compressed(f, **arrays)
-
-        atomic_write(out, write)
-        size = out.stat().st_size
+    if progress["shards"]:
+        merge_shards(parts, progress, out, meta)
+        shutil.rmtree(parts)
+    elif out.suffix == ".npz":
+        arrays = assemble(buffer, meta)
+        atomic_write(out, lambda p: _savez(p, arrays))
     else:
-        write_array_dir(out, arrays)
-        size = sum(f.stat().st_size for f in out.iterdir())
-    n = len(arrays["action"])
+        write_array_dir(out, assemble(buffer, meta))
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
+    n = sum(s["transitions"] for s in progress["shards"]) or total
     print(
-        f"Saved {n} transitions from {len(episodes)} episodes ({frame_shape[0]}x{frame_shape[1]}x{frame_shape[2]} "
+        f"Saved {n} transitions from {cfg.episodes} episodes ({frame_shape[0]}x{frame_shape[1]}x{frame_shape[2]} "
         f"{meta['obs_mode']}) to {out} ({size / 1e6:.1f} MB)"
     )
-    if interrupted:
-        raise KeyboardInterrupt
     return out
 
 

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from minigrid_dataset import OPTIONAL_PROBE_KEYS, PROBE_KEYS, MiniGridTransitions, split_episodes
 from wm_common import (
     atomic_write,
+    check_data_fits_model,
+    check_seed,
     check_writable_dir,
     choose_device,
     collapse_warning,
@@ -363,6 +365,7 @@ def inspect_model(
     obs_shape = frame_shape_of(ckpt["model_config"])
     if list(data.frame_shape) != obs_shape:
         fail(f"{name} takes frames {obs_shape} but {data.path} has {list(data.frame_shape)}; inspect it with data of that size")
+    check_data_fits_model(ckpt["model_config"], data, name)
     tc = ckpt["train_config"]
     train_idx, test_idx = split_episodes(data.episode, tc.get("val_fraction", 0.1), tc.get("seed", 0))
     rng = np.random.default_rng(cfg.seed)
@@ -670,6 +673,11 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
         fail("give at least one --checkpoint (a run directory such as checkpoints/jepa_cnn, or its model.pt)")
     if any(h < 1 for h in cfg.probe_horizons):
         fail(f"--probe-horizons must be steps ahead >= 1, got {cfg.probe_horizons}")
+    if cfg.max_samples < 1:
+        fail(f"--max-samples must be at least 1, got {cfg.max_samples}")
+    if cfg.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    check_seed(cfg.seed)
     ckpts = {}
     for path in cfg.checkpoint:
         ckpt = load_checkpoint(path)

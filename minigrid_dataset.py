@@ -25,14 +25,37 @@ LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
 PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
 # probed only when the layout has them (a door, objects to pick up); -1 means none
 OPTIONAL_PROBE_KEYS = ("door_state", "carrying")
+# per-transition integer labels the collector writes, with their shape after the leading N
+LABEL_SHAPES = {"agent_pos": (2,), "agent_dir": (), "goal_pos": (2,), "step": (), "door_state": (), "carrying": ()}
+# every key a transitions file may hold; any other key is ignored with a note
+KNOWN_KEYS = {"obs", "next_obs", "next_obs_index", "terminal_obs", "action", "reward", "done", "terminated", "episode", *LABEL_SHAPES}
+# a discrete action space larger than this is a damaged file, not an env (its embedding table would not fit in memory)
+MAX_DISCRETE_ACTIONS = 1 << 16
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one short line, for error messages that must stay on one line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:80]}" if text else type(e).__name__
 
 
 def load_npz(p: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        fail(f"{p} is not readable ({_why(e)})")
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip with members, an empty zip
+        what = "empty" if not magic else "a single .npy array" if magic.startswith(b"\x93NUM") else "not a zip archive"
+        fail(
+            f"{p} is not an .npz ({what}); point --data at a file or directory written by collect_minigrid_data.py, or re-run collect_minigrid_data.py"
+        )
+    try:
+        # the file is opened here, not by np.load, so it is closed even when np.load fails on it
+        with p.open("rb") as f, np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
-        fail(f"{p} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); re-run collect_minigrid_data.py")
+        fail(f"{p} is not a readable .npz ({_why(e)}); re-run collect_minigrid_data.py")
     except Exception as e:  # zlib and format errors from truncated or random bytes have many types
         fail(f"{p} is corrupt ({type(e).__name__}); re-run collect_minigrid_data.py")
 
@@ -43,18 +66,71 @@ def load_array_dir(p: Path) -> dict[str, np.ndarray]:
     files = sorted(p.glob("*.npy"))
     if not files:
         fail(f"{p} is a directory without .npy arrays; point --data at a .npz or a directory written by collect_minigrid_data.py --out DIR")
-    try:
-        arrays = {f.stem: np.load(f, mmap_mode="c", allow_pickle=False) for f in files}
-    except (ValueError, OSError) as e:
-        fail(f"{p}: an array file is damaged ({type(e).__name__}: {str(e)[:80]}); re-collect it")
+    arrays = {}
+    for f in files:
+        try:
+            arrays[f.stem] = np.load(f, mmap_mode="c", allow_pickle=False)
+        except Exception as e:  # empty (EOFError), truncated (ValueError), a directory (OSError), ...
+            fail(f"{p}: the array file {f.name} is damaged ({_why(e)}); re-collect it")
     if (p / "meta.json").is_file():
-        arrays["meta"] = np.array((p / "meta.json").read_text())
+        try:
+            arrays["meta"] = np.array((p / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"{p}: meta.json is not readable text ({_why(e)}); re-collect it")
     return arrays
+
+
+def _check_meta(path: str | Path, meta: dict[str, Any]) -> None:
+    """The parts of 'meta' the stages read: a malformed entry is a damaged file, said so here
+    instead of as a crash in whichever stage reads it."""
+    if "config" in meta and not isinstance(meta["config"], dict):
+        fail(f"{path}: meta 'config' must be a JSON object, got {type(meta['config']).__name__}; re-run collect_minigrid_data.py")
+    space = meta.get("action_space")
+    if space is None:
+        return
+    if not isinstance(space, dict):
+        fail(f"{path}: meta 'action_space' must be a JSON object, got {type(space).__name__}; re-run collect_minigrid_data.py")
+    n = space.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DISCRETE_ACTIONS):
+        fail(f"{path}: meta action_space 'n' must be a whole number from 1 to {MAX_DISCRETE_ACTIONS}, got {n!r}")
+    shape = space.get("shape")
+    if shape is not None and (not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in shape)):
+        fail(f"{path}: meta action_space 'shape' must be a list of whole numbers, got {shape!r}")
+    for key in ("low", "high"):
+        if key in space:
+            try:
+                np.asarray(space[key], np.float32)
+            except (TypeError, ValueError):
+                fail(f"{path}: meta action_space '{key}' must be numbers, got {str(space[key])[:40]}")
+
+
+def _is_real(a: np.ndarray) -> bool:
+    """bool, integer or float: a dtype that converts to float or bool without loss of meaning."""
+    return a.dtype == bool or np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+
+
+def _as_int64(path: str | Path, key: str, a: np.ndarray) -> np.ndarray:
+    """An integer array as int64, refusing uint64 values int64 cannot hold (they would wrap)."""
+    if a.size and a.dtype == np.uint64 and a.max() > np.iinfo(np.int64).max:
+        fail(f"{path}: '{key}' holds values up to {a.max()}, too large for int64; the file is damaged")
+    return a.astype(np.int64, copy=False)
+
+
+def _as_flags(path: str | Path, key: str, a: np.ndarray, n: int) -> np.ndarray:
+    """A per-transition flag: bool, or numbers that are all 0 or 1 (seed 003 stored float dones)."""
+    if a.shape != (n,):
+        fail(f"{path}: '{key}' must have shape [{n}], got {list(a.shape)}")
+    if a.dtype != bool:
+        if not _is_real(a) or not np.isin(a, (0, 1)).all():
+            fail(f"{path}: '{key}' must be bool (or 0/1 numbers) [N], got {a.dtype}")
+    return a.astype(bool, copy=False)
 
 
 def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
     """Reads and validates a transitions file. Returns (arrays, meta, notes); every problem a
-    user can cause is a one-line UserError naming the file and the fix."""
+    user can cause is a one-line UserError naming the file and the fix. The arrays returned have
+    the dtypes the dataset serves: uint8 frames, int64 (discrete) or float32 actions, float32
+    reward, bool done, int64 indices, episodes and labels."""
     p = Path(path)
     if p.is_dir():
         arrays = load_array_dir(p)
@@ -70,10 +146,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     if "meta" in arrays:
         try:
             meta = json.loads(str(arrays.pop("meta")))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             fail(f"{path} has a 'meta' entry that is not JSON; re-run collect_minigrid_data.py")
     if not isinstance(meta, dict):
         fail(f"{path} has a 'meta' entry that is not a JSON object; re-run collect_minigrid_data.py")
+    _check_meta(path, meta)
     missing = [k for k in ("obs", "action", "reward", "done") if k not in arrays]
     if "next_obs" not in arrays and not {"next_obs_index", "terminal_obs"} <= arrays.keys():
         missing.append("next_obs (or next_obs_index + terminal_obs)")
@@ -81,12 +158,19 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         fail(
             f"{path} lacks keys {', '.join(missing)} (has {', '.join(sorted(arrays))}); is it a transitions file from collect_minigrid_data.py?"
         )
+    unknown = sorted(k for k in arrays if k not in KNOWN_KEYS)
+    if unknown:
+        notes.append(f"ignored keys this loader does not know: {', '.join(unknown)}")
+        for k in unknown:
+            del arrays[k]
     obs = arrays["obs"]
     if obs.dtype != np.uint8 or obs.ndim != 4:
         fail(f"{path}: 'obs' must be uint8 frames [N,H,W,C], got {obs.dtype} {list(obs.shape)}")
     n = len(obs)
     if n == 0:
         fail(f"{path} holds no transitions; collect at least one episode")
+    if 0 in obs.shape[1:]:
+        fail(f"{path}: 'obs' frames are {list(obs.shape[1:])}; a frame needs at least one pixel and one channel")
     if "next_obs" in arrays:
         # Seed 003's layout: next_obs stored in full. Index it like the compact layout.
         nxt = arrays.pop("next_obs")
@@ -100,51 +184,74 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     nxt_idx = arrays["next_obs_index"]
     if nxt_idx.shape != (n,) or not np.issubdtype(nxt_idx.dtype, np.integer):
         fail(f"{path}: 'next_obs_index' must be integers [N={n}], got {nxt_idx.dtype} {list(nxt_idx.shape)}")
-    if n and (nxt_idx.min() < 0 or nxt_idx.max() >= n + len(term)):
+    if nxt_idx.min() < 0 or nxt_idx.max() >= n + len(term):
         fail(f"{path}: 'next_obs_index' points outside the stored frames; the file is damaged, re-collect it")
+    arrays["next_obs_index"] = nxt_idx.astype(np.int64, copy=False)
     action = arrays["action"]
+    space = meta.get("action_space") or {}
+    if action.ndim not in (1, 2):
+        fail(f"{path}: 'action' must be [N] (discrete) or [N,A] (continuous), got {list(action.shape)}")
     if len(action) != n:
         fail(f"{path}: 'action' has {len(action)} rows but 'obs' has {n}")
     if action.ndim == 1:
         if not np.issubdtype(action.dtype, np.integer):
             fail(f"{path}: discrete 'action' must be integers [N], got {action.dtype}")
-        arrays["action"] = action.astype(np.int64, copy=False)
-        n_act = meta.get("action_space", {}).get("n")
+        if space.get("type") == "box":
+            fail(f"{path}: actions are integers [N] but meta records a continuous (box) action space")
+        n_act = space.get("n")
         if action.min() < 0 or (n_act is not None and action.max() >= n_act):
             fail(f"{path}: actions range {action.min()}..{action.max()}, outside the recorded action space of {n_act}")
-    elif action.ndim == 2:
+        if n_act is None and action.max() >= MAX_DISCRETE_ACTIONS:
+            fail(
+                f"{path}: discrete actions go up to {action.max()} and meta records no action space; "
+                f"more than {MAX_DISCRETE_ACTIONS} actions means a damaged file"
+            )
+        arrays["action"] = action.astype(np.int64, copy=False)
+    else:
         if not np.issubdtype(action.dtype, np.floating) or not np.isfinite(action).all():
             fail(
                 f"{path}: continuous 'action' must be finite floats [N,A], got {action.dtype}{' with NaN/inf' if np.issubdtype(action.dtype, np.floating) else ''}"
             )
-        space = meta.get("action_space", {})
+        if action.shape[1] == 0:
+            fail(f"{path}: continuous 'action' has 0 dimensions [N,0]; an action vector needs at least one")
         if space.get("type") == "discrete":
             fail(f"{path}: actions are vectors [N,{action.shape[1]}] but meta records a discrete action space")
         if "shape" in space and list(space["shape"]) != [action.shape[1]]:
             fail(f"{path}: actions have {action.shape[1]} dims but the recorded action space has shape {space['shape']}")
         if "low" in space and "high" in space:
             low, high = np.asarray(space["low"], np.float32), np.asarray(space["high"], np.float32)
+            if low.shape not in ((), (action.shape[1],)) or high.shape not in ((), (action.shape[1],)):
+                fail(
+                    f"{path}: the recorded action bounds have shapes {list(low.shape)}/{list(high.shape)}, the actions {action.shape[1]} dims"
+                )
             if (action < low - 1e-6).any() or (action > high + 1e-6).any():
                 fail(
                     f"{path}: actions range {action.min():.3g}..{action.max():.3g}, outside the recorded bounds {space['low']}..{space['high']}"
                 )
         arrays["action"] = action.astype(np.float32, copy=False)
-    else:
-        fail(f"{path}: 'action' must be [N] (discrete) or [N,A] (continuous), got {list(action.shape)}")
-    for key, dtype in (("reward", np.float32), ("done", bool)):
-        if arrays[key].shape != (n,):
-            fail(f"{path}: '{key}' must have shape [{n}], got {list(arrays[key].shape)}")
-        arrays[key] = arrays[key].astype(dtype, copy=False)
+    reward = arrays["reward"]
+    if reward.shape != (n,):
+        fail(f"{path}: 'reward' must have shape [{n}], got {list(reward.shape)}")
+    if not _is_real(reward):
+        fail(f"{path}: 'reward' must be numbers [N], got {reward.dtype}")
+    arrays["reward"] = reward.astype(np.float32, copy=False)
+    arrays["done"] = _as_flags(path, "done", arrays["done"], n)
+    if "terminated" in arrays:
+        arrays["terminated"] = _as_flags(path, "terminated", arrays["terminated"], n)
     if "episode" not in arrays:
         # Seed 003's files have no episode ids: an episode ends at each `done`.
         arrays["episode"] = np.concatenate([[0], np.cumsum(arrays["done"][:-1])]).astype(np.int64)
         notes.append("no 'episode' key: episodes recovered from 'done'")
     elif arrays["episode"].shape != (n,) or not np.issubdtype(arrays["episode"].dtype, np.integer):
         fail(f"{path}: 'episode' must be integers [{n}], got {arrays['episode'].dtype} {list(arrays['episode'].shape)}")
-    shapes = {"agent_pos": (n, 2), "agent_dir": (n,), "goal_pos": (n, 2), "step": (n,), "door_state": (n,), "carrying": (n,)}
-    for key, shape in shapes.items():
-        if key in arrays and arrays[key].shape != shape:
-            fail(f"{path}: '{key}' must have shape {list(shape)}, got {list(arrays[key].shape)}")
+    arrays["episode"] = _as_int64(path, "episode", arrays["episode"])
+    for key, shape in LABEL_SHAPES.items():
+        if key in arrays:
+            if arrays[key].shape != (n, *shape):
+                fail(f"{path}: '{key}' must have shape {[n, *shape]}, got {list(arrays[key].shape)}")
+            if not np.issubdtype(arrays[key].dtype, np.integer):
+                fail(f"{path}: '{key}' must be integers, got {arrays[key].dtype}")
+            arrays[key] = _as_int64(path, key, arrays[key])
     if any(k not in arrays for k in PROBE_KEYS):
         env = str(meta.get("env", ""))
         if not env or env.startswith("MiniGrid"):
@@ -189,7 +296,7 @@ class MiniGridTransitions(Dataset):
         """Discrete: how many actions; continuous: the action vector's size."""
         if self.continuous_actions:
             return int(self.fields["action"].shape[1])
-        space = self.meta.get("action_space", {})
+        space = self.meta.get("action_space") or {}
         if "n" in space:
             return int(space["n"])
         return int(self.fields["action"].max()) + 1
@@ -236,22 +343,32 @@ def split_episodes(episode: np.ndarray, val_fraction: float, seed: int) -> tuple
 class EpochBatchSampler:
     """Batches of dataset indices, reshuffled each epoch by a generator seeded with
     (seed, epoch): the order depends only on the seed and epoch, so a resumed run sees the
-    same batches as one that never stopped."""
+    same batches as one that never stopped. `start` skips the batches a checkpoint taken
+    mid-epoch already trained on. With `world_size` > 1 (DDP) every rank walks the same global
+    batches and takes its own contiguous slice of each, so N ranks together see exactly the
+    batches of one process with the same --batch-size."""
 
-    def __init__(self, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(
+        self, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1
+    ):
         self.indices, self.batch_size = np.asarray(indices), batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
         order = self.indices
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
-        for i in range(len(self)):
-            yield order[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+        for i in range(self.start, len(self)):
+            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if self.world_size > 1:
+                share = len(batch) // self.world_size
+                batch = batch[self.rank * share : (self.rank + 1) * share]
+            yield batch.tolist()
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -270,11 +387,18 @@ def make_loaders(
     seed: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """(train, val) DataLoaders over an episode-level split. Train batches are shuffled per
-    epoch and full-sized; val keeps every transition in order."""
+    epoch and full-sized, and split across `world_size` ranks; val keeps every transition in
+    order (every rank evaluates all of it)."""
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        fail(f"--num-workers must be 0 (load in the main process) or more, got {num_workers}")
+    if batch_size % world_size:
+        fail(f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} processes")
     train_idx, val_idx = split_episodes(data.episode, val_fraction, seed)
     if len(train_idx) < batch_size:
         fail(
@@ -282,7 +406,8 @@ def make_loaders(
             "collect more episodes or lower --batch-size"
         )
     kw = dict(collate_fn=_as_batch, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    train = DataLoader(data, batch_sampler=EpochBatchSampler(train_idx, batch_size, shuffle=True, seed=seed, drop_last=True), **kw)
+    train_sampler = EpochBatchSampler(train_idx, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world_size)
+    train = DataLoader(data, batch_sampler=train_sampler, **kw)
     val = DataLoader(data, batch_sampler=EpochBatchSampler(val_idx, batch_size, shuffle=False, seed=seed, drop_last=False), **kw)
     return train, val
 

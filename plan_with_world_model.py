@@ -36,6 +36,7 @@ from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
 from wm_common import (
     atomic_write,
+    check_seed,
     check_writable_dir,
     choose_device,
     fail,
@@ -508,6 +509,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         fail(f"--elites ({cfg.elites}) cannot exceed --samples ({cfg.samples})")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    check_seed(cfg.seed)
     ckpt = load_checkpoint(cfg.checkpoint)
     meta = ckpt["data_meta"]
     env_id = cfg.env or meta.get("env") or fail("the checkpoint does not record its env; pass --env")

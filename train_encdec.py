@@ -24,6 +24,7 @@ from wm_common import (
     choose_device,
     fail,
     load_checkpoint,
+    rank,
     run_cli,
     run_training,
 )
@@ -102,8 +103,9 @@ def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: t
 def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
     summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=LOSS_TERMS)
-    out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))
-    print(f"Saved {out}")
+    if rank() == 0:
+        out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))
+        print(f"Saved {out}")
     return summary
 
 

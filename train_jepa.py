@@ -117,6 +117,10 @@ def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or f"checkpoints/jepa_{cfg.arch}"
+    if cfg.latent_dim < 1:
+        fail(f"--latent-dim must be at least 1, got {cfg.latent_dim}")
+    if not 0 <= cfg.ema_decay <= 1:
+        fail(f"--ema-decay must be between 0 and 1 (the target keeps this share of itself each step), got {cfg.ema_decay}")
     if cfg.idm_coeff < 0 or (cfg.idm_coeff > 0 and cfg.arch != "cnn"):
         fail(f"--idm-coeff {cfg.idm_coeff}: the inverse-dynamics loss is a non-negative weight for --arch cnn")
     terms = LOSS_TERMS + (["idm_loss"] if cfg.idm_coeff > 0 else [])

@@ -10,7 +10,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,6 +32,45 @@ from torch import nn
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file): printed as one line, no
     traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a stage after it saved its work; the CLI exits 128 + signal
+    (130 for Ctrl-C, 143 for SIGTERM) so scripts can tell an interrupted run from a finished one."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a request (`requested` holds the signal number) that
+    a loop answers at its next safe point by saving and raising `Interrupted`; a second signal
+    aborts at once. Used as a context manager so the old handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, what: str):
+        self.what, self.requested, self._old = what, 0, {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping {self.what} at the next safe point (send it again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -183,6 +225,9 @@ def run_cli(main: Callable[[Any], Any], cfg_cls: type, argv: list[str] | None = 
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -193,6 +238,11 @@ def to_jsonable(cfg: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- seeding, devices
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        fail(f"--seed must be from 0 to 2**32 - 1, got {seed}")
 
 
 def seed_everything(seed: int) -> None:
@@ -213,6 +263,88 @@ def choose_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         fail(f"unknown --device {name}; choose auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- multi-process training
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank: from the process group, or before and after it from torchrun's RANK."""
+    return dist.get_rank() if world_size() > 1 else int(os.environ.get("RANK", "0"))
+
+
+def say(*args: Any) -> None:
+    """print, on rank 0 only: N processes of one run speak with one voice."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) joins the process
+    group, nccl on CUDA (one GPU per process, by LOCAL_RANK) and gloo on CPU; otherwise just
+    picks the device."""
+    device = choose_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "mps":
+        fail("multi-process training runs on CUDA (nccl) or on the CPU (gloo), not MPS; pass --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own share, summed over the
+    ranks (every rank computes the same global-batch loss; DDP's gradient averaging then gives
+    exactly the one-process gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(z) for _ in range(world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather_batch(z: torch.Tensor) -> torch.Tensor:
+    """z of this rank's share of the batch [b,D] -> z of the global batch [b*N,D], with gradients
+    flowing back to every rank's share. VICReg's variance and covariance are statistics of the
+    whole batch, so under DDP they must see all of it for N processes to train exactly like one.
+    A no-op in one process and under no_grad (evaluation runs the full val set on every rank)."""
+    if world_size() == 1 or not torch.is_grad_enabled():
+        return z
+    return _AllGather.apply(z)
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if world_size() == 1 or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world_size()).tolist(), strict=True))
+
+
+class _LossForward(nn.Module):
+    """DDP synchronises gradients of what runs through `forward`; the trainers' models expose
+    their objective as `loss`, so this routes one to the other."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.model.loss(obs, action, next_obs)
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -242,7 +374,9 @@ def check_writable_dir(path: str | Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create {what} {path} ({e.strerror}); choose another location")
+        in_the_way = next((p for p in (path, *path.parents) if p.is_file()), None)
+        why = f"{in_the_way} is a file" if in_the_way is not None else e.strerror
+        fail(f"cannot create {what} {path} ({why}); choose another location")
     if not os.access(path, os.W_OK):
         fail(f"{what} {path} is not writable; choose another location")
     return path
@@ -278,6 +412,23 @@ def load_checkpoint(path: str | Path, *, arch: str | tuple[str, ...] | None = No
     if wanted and ckpt["arch"] not in wanted:
         fail(f"{p} holds a {ckpt['arch']} model, expected {' or '.join(wanted)}; use the matching script or --arch")
     return ckpt
+
+
+def check_data_fits_model(model_config: dict[str, Any], data: Any, what: str = "the model") -> None:
+    """A model's action input must take the data's actions: discrete ids below its table size,
+    or vectors of its width. Checked before a stage writes anything."""
+    continuous = bool(model_config.get("continuous_actions", False))
+    n = int(model_config.get("num_actions", 0))
+    if data.continuous_actions != continuous:
+        kinds = ("vector", "discrete")
+        fail(
+            f"{data.path} has {kinds[not data.continuous_actions]} actions but {what} was trained on {kinds[not continuous]} ones; "
+            "use data from the env it was trained on"
+        )
+    if continuous and data.num_actions != n:
+        fail(f"{data.path} has {data.num_actions}-dim actions but {what} takes {n}; use data from the env it was trained on")
+    if not continuous and data.num_actions > n:
+        fail(f"{data.path} has {data.num_actions} actions but {what} knows {n}; use data from the env it was trained on")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -472,6 +623,44 @@ class FitSettings:
     title: str
     compile: bool = False
     amp: bool = False
+    save_every: int = 0
+    skip_nonfinite: bool = False
+
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+@dataclasses.dataclass
+class _Running:
+    """The running sums behind the logged averages. A checkpoint taken mid-epoch stores them, so
+    a resumed run logs exactly the rows an uninterrupted one would."""
+
+    window: dict[str, float] = dataclasses.field(default_factory=dict)
+    window_n: int = 0
+    epoch_sum: float = 0.0
+    epoch_n: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.window_n += 1
+        self.epoch_sum += values["loss"]
+        self.epoch_n += 1
+
+    def averages(self) -> dict[str, float]:
+        """Window means over every rank (each rank's pred loss is of its own share)."""
+        return {k: v / self.window_n for k, v in mean_across_ranks(self.window).items()}
+
+    def across_ranks(self) -> "_Running":
+        both = mean_across_ranks({**{f"w.{k}": v for k, v in self.window.items()}, "epoch_sum": self.epoch_sum})
+        return _Running({k[2:]: v for k, v in both.items() if k.startswith("w.")}, self.window_n, both["epoch_sum"], self.epoch_n)
+
+
+def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def fit(
@@ -488,91 +677,153 @@ def fit(
     """The loop every trainer runs. The model supplies `loss(obs, action, next_obs) ->
     (loss, {term: value})`, optionally `update_target()` (EMA) after each optimiser step, and
     `encode(obs)` for the per-epoch collapse diagnostics. Data order comes from the loader's
-    epoch-seeded sampler, so `--resume` continues with exactly the batches an uninterrupted
-    run would see. Returns a summary of the last epoch."""
+    epoch-seeded sampler, and a checkpoint records how far into its epoch it was taken, so
+    `--resume` continues with exactly the batches (and, on CPU, the losses) of an uninterrupted
+    run. Under torchrun the model runs in DDP and only rank 0 writes. Returns a summary of the
+    last epoch."""
     out = settings.out_dir
+    main_rank = rank() == 0
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    step, start_epoch = 0, 0
+    step, start_epoch, start_batch, carried = 0, 0, 0, None
     if resume_from is not None:
         opt.load_state_dict(resume_from["optimizer"])
         for group in opt.param_groups:  # the optimiser state keeps its moments; the flags set lr and decay
             group.update(lr=settings.lr, weight_decay=settings.weight_decay)
         step, start_epoch = int(resume_from["step"]), int(resume_from["epoch"])
+        start_batch = int(resume_from.get("batch_in_epoch", 0))
+        if start_batch:
+            carried = _Running(**resume_from["running"])
+        if "rng_state" in resume_from:
+            torch.set_rng_state(resume_from["rng_state"])
     latent_dim = getattr(model, "latent_dim", None)
     fields = ["step", "epoch", "phase", "loss", *term_names, "embedding_std", "effective_rank", "samples_per_s", "time_s"]
-    log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None)
+    log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None) if main_rank else None
     sampler = train_loader.batch_sampler
-    # compiling the bound loss leaves the module (and its state_dict) as it is
-    loss_fn = torch.compile(model.loss) if settings.compile else model.loss
+    if len(sampler) == 0:
+        fail("the training split gave no full batch; collect more episodes or lower --batch-size")
+    if world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        engine: Any = DistributedDataParallel(_LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        engine = model.loss
+    # compiling the loss leaves the module (and its state_dict) as it is
+    loss_fn = torch.compile(engine) if settings.compile else engine
     t_start = time.perf_counter()
     summary: dict[str, Any] = {}
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, batch_in_epoch: int = 0, running: _Running | None = None) -> None:
+        # every rank joins the reduction of the running sums; rank 0 writes
+        shared = dataclasses.asdict(running.across_ranks()) if running is not None else None
+        if not main_rank:
+            return
         payload = dict(checkpoint_info, model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch)
+        payload.update(batch_in_epoch=batch_in_epoch, running=shared, rng_state=torch.get_rng_state())
         save_checkpoint(out / "model.pt", payload)
 
+    def write_row(row: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(row)
+
     if start_epoch >= settings.epochs:
-        print(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
-    for epoch in range(start_epoch, settings.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        window: dict[str, float] = {}
-        window_n, epoch_sum, epoch_n = 0, 0.0, 0
-        t_window = time.perf_counter()
-        for batch_idx, batch in enumerate(train_loader, start=1):
-            obs, action, next_obs = (batch[k].to(device, non_blocking=True) for k in ("obs", "action", "next_obs"))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
-                loss, terms = loss_fn(obs, action, next_obs)
-            if not torch.isfinite(loss):
-                fail(
-                    f"loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); the last good checkpoint "
-                    f"in {out} is kept; lower --lr or check the data"
+        say(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
+    skipped_in_a_row = skipped = 0
+    with StopRequest("training") as stop:
+        for epoch in range(start_epoch, settings.epochs):
+            first = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start=first)
+            model.train()
+            run = carried if epoch == start_epoch and carried is not None else _Running()
+            t_window = time.perf_counter()
+            for batch_idx, batch in enumerate(train_loader, start=first + 1):
+                obs, action, next_obs = (batch[k].to(device, non_blocking=True) for k in ("obs", "action", "next_obs"))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+                    loss, terms = loss_fn(obs, action, next_obs)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = _grad_norm(model, settings.grad_clip)
+                # one small reduction per step: every rank must agree to skip or to stop
+                flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), float(stop.requested)])
+                if world_size() > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stopping = bool(flags[0]), bool(flags[1])
+                step += 1
+                if bad:
+                    what = f"loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at step {step} (epoch {epoch + 1}, batch {batch_idx})"
+                    if not settings.skip_nonfinite:
+                        fail(f"{what}; the last good checkpoint in {out} is kept; lower --lr, check the data, or pass --skip-nonfinite")
+                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        fail(
+                            f"{what}: {skipped_in_a_row} non-finite steps in a row, the model is broken; the last good checkpoint in {out} is kept"
+                        )
+                    say(f"warning: {what}: skipped the update")
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    opt.step()
+                    if hasattr(model, "update_target"):
+                        model.update_target()
+                    skipped_in_a_row = 0
+                    run.add({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}})
+                if batch_idx % settings.log_every == 0 and run.window_n:
+                    now = time.perf_counter()
+                    avg = run.averages()
+                    say(f"Epoch {epoch + 1:02d} | Batch {batch_idx:04d} | Step {step:05d} | Avg Loss {avg['loss']:.4f}")
+                    rate = run.window_n * sampler.batch_size / (now - t_window)
+                    write_row({"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": now - t_start})
+                    run.window, run.window_n, t_window = {}, 0, now
+                periodic = settings.save_every > 0 and step % settings.save_every == 0 and batch_idx < len(sampler)
+                if stopping or periodic:
+                    save(epoch, batch_idx, run)
+                if stopping:
+                    raise Interrupted(
+                        f"interrupted at step {step} (epoch {epoch + 1}, batch {batch_idx}/{len(sampler)}); saved {out / 'model.pt'}; "
+                        "continue with --resume",
+                        stop.requested or signal.SIGTERM,
+                    )
+            if run.epoch_n == 0:
+                fail(f"no finite step in epoch {epoch + 1}; the last good checkpoint in {out} is kept")
+            if run.window_n:
+                avg = run.averages()
+                rate = run.window_n * sampler.batch_size / (time.perf_counter() - t_window)
+                write_row(
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "phase": "train",
+                        **avg,
+                        "samples_per_s": rate,
+                        "time_s": time.perf_counter() - t_start,
+                    }
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            opt.step()
-            if hasattr(model, "update_target"):
-                model.update_target()
-            step += 1
-            value = loss.item()
-            epoch_sum, epoch_n, window_n = epoch_sum + value, epoch_n + 1, window_n + 1
-            window["loss"] = window.get("loss", 0.0) + value
-            for k, v in terms.items():
-                window[k] = window.get(k, 0.0) + float(v)
-            if batch_idx % settings.log_every == 0:
-                now = time.perf_counter()
-                avg = {k: v / window_n for k, v in window.items()}
-                print(f"Epoch {epoch + 1:02d} | Batch {batch_idx:04d} | Step {step:05d} | Avg Loss {avg['loss']:.4f}", flush=True)
-                rate = window_n * len(obs) / (now - t_window)
-                log.write({"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": now - t_start})
-                window, window_n, t_window = {}, 0, now
-        if epoch_n == 0:
-            fail("the training split gave no full batch; collect more episodes or lower --batch-size")
-        if window_n:
-            avg = {k: v / window_n for k, v in window.items()}
-            rate = window_n * len(obs) / (time.perf_counter() - t_window)
-            log.write(
-                {"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": time.perf_counter() - t_start}
-            )
-        val = evaluate(model, val_loader, device)
-        line = f"Epoch {epoch + 1:02d} finished | Mean Loss {epoch_sum / epoch_n:.4f} | Val Loss {val['loss']:.4f}"
-        if latent_dim is not None:
-            line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{latent_dim}"
-        print(line, flush=True)
-        if getattr(model, "can_collapse", False) and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
-            print(
-                f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {latent_dim}, per-dim std "
-                f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
-                "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff.",
-                flush=True,
-            )
-        log.write({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
-        save(epoch + 1)
-        plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
-        summary = {"epoch": epoch + 1, "step": step, "train_loss": epoch_sum / epoch_n, **{f"val_{k}": v for k, v in val.items()}}
-    if not (out / "loss.png").exists() and (out / "metrics.csv").exists():
+            epoch_mean = run.across_ranks().epoch_sum / run.epoch_n
+            val = evaluate(model, val_loader, device)
+            line = f"Epoch {epoch + 1:02d} finished | Mean Loss {epoch_mean:.4f} | Val Loss {val['loss']:.4f}"
+            if latent_dim is not None:
+                line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{latent_dim}"
+            say(line)
+            if getattr(model, "can_collapse", False) and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
+                say(
+                    f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {latent_dim}, per-dim std "
+                    f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
+                    "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff."
+                )
+            write_row({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
+            save(epoch + 1)
+            if main_rank:
+                plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
+            summary = {"epoch": epoch + 1, "step": step, "train_loss": epoch_mean, **{f"val_{k}": v for k, v in val.items()}}
+            if skipped:
+                summary["skipped_steps"] = skipped
+            stop_now = torch.tensor([float(stop.requested)])
+            if world_size() > 1:
+                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+            if stop_now.item() and epoch + 1 < settings.epochs:
+                raise Interrupted(
+                    f"interrupted after epoch {epoch + 1} (step {step}); saved {out / 'model.pt'}; continue with --resume",
+                    stop.requested or signal.SIGTERM,
+                )
+    if main_rank and not (out / "loss.png").exists() and (out / "metrics.csv").exists():
         plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
     return summary
 
@@ -656,6 +907,15 @@ class RunConfig:
     num_workers: int = dataclasses.field(
         default=0, metadata={"help": "DataLoader worker processes (0: load in the main process; batches are one gather)"}
     )
+    save_every: int = dataclasses.field(
+        default=0, metadata={"help": "also checkpoint every this many steps within an epoch (0: at epoch ends only)"}
+    )
+    skip_nonfinite: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": f"skip an update whose loss or gradient is NaN/inf instead of stopping ({MAX_SKIPPED_IN_A_ROW} in a row still stop)"
+        },
+    )
 
 
 def run_training(
@@ -668,15 +928,23 @@ def run_training(
     """What every trainer does around `fit`: load and split the data, seed, build (or restore,
     with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
     `build_model(saved_model_config_or_None, data)` returns the model. Everything that can fail
-    on user input is checked before anything is written."""
+    on user input is checked before anything is written. Under `torchrun` every process runs
+    this; rank 0 alone writes."""
     from minigrid_dataset import MiniGridTransitions, make_loaders
 
     if cfg.epochs < 1:
         fail(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.lr <= 0:
-        fail(f"--lr must be positive, got {cfg.lr}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        fail(f"--lr must be positive and finite, got {cfg.lr}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        fail(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if not cfg.grad_clip >= 0:
+        fail(f"--grad-clip must be 0 (off) or a positive norm, got {cfg.grad_clip}")
+    check_seed(cfg.seed)
     if cfg.log_every < 1:
         fail(f"--log-every must be at least 1, got {cfg.log_every}")
+    if cfg.save_every < 0:
+        fail(f"--save-every must be 0 (epoch ends only) or a number of steps, got {cfg.save_every}")
     out = Path(cfg.out_dir)
     ckpt_path = out / "model.pt"
     resume_from = None
@@ -686,64 +954,77 @@ def run_training(
         resume_from = load_checkpoint(ckpt_path, arch=arch)
     elif ckpt_path.exists() and not cfg.overwrite:
         fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
-    device = choose_device(cfg.device)
-    print(f"Using device: {device}")
-    seed_everything(cfg.seed)
-    data = MiniGridTransitions(cfg.data)
-    for note in data.notes:
-        print(f"note: {note}")
-    train_loader, val_loader = make_loaders(
-        data,
-        batch_size=cfg.batch_size,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    model = build_model(resume_from["model_config"] if resume_from else None, data)
-    if resume_from:
-        model.load_state_dict(resume_from["model"])
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
-        f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val) | "
-        f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
-    )
-    if ckpt_path.exists() and not cfg.resume:
-        # --overwrite: keep the earlier run whole beside the new one until the user deletes it,
-        # so a new run that fails never leaves a mix of old and new files.
-        backup = out.with_name(out.name + ".prev")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(out, backup)
-        print(f"Moved the earlier run in {out} to {backup}")
-    check_writable_dir(out, "--out-dir")
-    train_config = to_jsonable(cfg)
-    write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})
-    data_meta = dict(data.meta, path=str(cfg.data), transitions=len(data), frame_shape=list(data.frame_shape))
-    settings = FitSettings(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        log_every=cfg.log_every,
-        out_dir=out,
-        resume=cfg.resume,
-        title=f"{arch} on {Path(cfg.data).name}",
-        compile=cfg.compile,
-        amp=cfg.amp,
-    )
-    info = {"arch": arch, "model_config": model.model_config(), "train_config": train_config, "data_meta": data_meta}
-    summary = fit(
-        model=model,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        device=device,
-        settings=settings,
-        checkpoint_info=info,
-        term_names=term_names,
-        resume_from=resume_from,
-    )
-    print(f"Saved {ckpt_path}, {out / 'metrics.csv'}, {out / 'loss.png'}")
-    return summary
+    device = init_distributed(cfg.device)
+    try:
+        say(f"Using device: {device}" + (f" x {world_size()} processes (DDP), global batch {cfg.batch_size}" if world_size() > 1 else ""))
+        seed_everything(cfg.seed)
+        data = MiniGridTransitions(cfg.data)
+        for note in data.notes:
+            say(f"note: {note}")
+        train_loader, val_loader = make_loaders(
+            data,
+            batch_size=cfg.batch_size,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            rank=rank(),
+            world_size=world_size(),
+        )
+        model = build_model(resume_from["model_config"] if resume_from else None, data)
+        check_data_fits_model(model.model_config(), data, "the checkpoint's model")
+        if resume_from:
+            model.load_state_dict(resume_from["model"])
+        model.to(device)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(
+            f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
+            f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val) | "
+            f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
+        )
+        train_config = to_jsonable(cfg)
+        if world_size() > 1:
+            dist.barrier()  # every rank has read the old run before rank 0 moves or writes anything
+        if rank() == 0:
+            if ckpt_path.exists() and not cfg.resume:
+                # --overwrite: keep the earlier run whole beside the new one until the user deletes
+                # it, so a new run that fails never leaves a mix of old and new files.
+                backup = out.with_name(out.name + ".prev")
+                if backup.exists():
+                    shutil.rmtree(backup)
+                os.replace(out, backup)
+                say(f"Moved the earlier run in {out} to {backup}")
+            check_writable_dir(out, "--out-dir")
+            write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})
+        data_meta = dict(data.meta, path=str(cfg.data), transitions=len(data), frame_shape=list(data.frame_shape))
+        settings = FitSettings(
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            log_every=cfg.log_every,
+            out_dir=out,
+            resume=cfg.resume,
+            title=f"{arch} on {Path(cfg.data).name}",
+            compile=cfg.compile,
+            amp=cfg.amp,
+            save_every=cfg.save_every,
+            skip_nonfinite=cfg.skip_nonfinite,
+        )
+        info = {"arch": arch, "model_config": model.model_config(), "train_config": train_config, "data_meta": data_meta}
+        summary = fit(
+            model=model,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            device=device,
+            settings=settings,
+            checkpoint_info=info,
+            term_names=term_names,
+            resume_from=resume_from,
+        )
+        say(f"Saved {ckpt_path}, {out / 'metrics.csv'}, {out / 'loss.png'}")
+        return summary
+    finally:
+        if world_size() > 1:
+            dist.barrier()  # a rank that tears down gloo while another still talks to it aborts
+            dist.destroy_process_group()

@@ -18,7 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import action_embedding, ema_update, frames_to_float, latent_rollout, normalized_mse, vicreg_cov_loss, vicreg_std_loss
+from wm_common import (
+    action_embedding,
+    ema_update,
+    frames_to_float,
+    gather_batch,
+    latent_rollout,
+    normalized_mse,
+    vicreg_cov_loss,
+    vicreg_std_loss,
+)
 
 
 @dataclass
@@ -136,7 +145,8 @@ class JEPAWorldModel(nn.Module):
         z_pred = self.predict(z, action)
         z_target = self.encode_target(next_obs)
         pred_loss = normalized_mse(z_pred, z_target)
-        std_loss, cov_loss = vicreg_std_loss(z), vicreg_cov_loss(z)
+        z_all = gather_batch(z)  # [B,D], or the global batch [B*N,D] across N DDP processes
+        std_loss, cov_loss = vicreg_std_loss(z_all), vicreg_cov_loss(z_all)
         loss = cfg.sim_coeff * pred_loss
         if cfg.reg == "vicreg":
             loss = loss + cfg.std_coeff * std_loss + cfg.cov_coeff * cov_loss

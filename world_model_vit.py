@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import action_embedding, ema_update, frames_to_float, latent_rollout, vicreg_cov_loss, vicreg_std_loss
+from wm_common import action_embedding, ema_update, frames_to_float, gather_batch, latent_rollout, vicreg_cov_loss, vicreg_std_loss
 from wm_common import fail as raise_user
 
 
@@ -208,8 +208,9 @@ class ViTJEPA(nn.Module):
         else:
             pred, target = self.predict(online_t, action), self._ema(next_obs)
         pred_loss = F.mse_loss(pred, target)
-        std_loss = (vicreg_std_loss(online_t) + vicreg_std_loss(online_t1)) / 2
-        cov_loss = vicreg_cov_loss(online_t) + vicreg_cov_loss(online_t1)
+        all_t, all_t1 = gather_batch(online_t), gather_batch(online_t1)  # global batch under DDP
+        std_loss = (vicreg_std_loss(all_t) + vicreg_std_loss(all_t1)) / 2
+        cov_loss = vicreg_cov_loss(all_t) + vicreg_cov_loss(all_t1)
         loss = c.vicreg_sim_coeff * pred_loss + c.vicreg_std_coeff * std_loss + c.vicreg_cov_coeff * cov_loss
         return loss, {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
 
@@ -301,6 +302,8 @@ def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
         )
     if args.input_channels not in (None, c):
         raise_user(f"input_channels {args.input_channels} does not match the data's {c} channels")
+    if args.patch_size < 1:
+        raise_user(f"--patch-size must be at least 1, got {args.patch_size}")
     if h % args.patch_size:
         raise_user(f"image_size {h} is not divisible by patch_size {args.patch_size}; pick a divisor of {h}")
     if latent_dim % args.num_heads:
