@@ -57,11 +57,12 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping {self.what} at the next safe point (send it again to abort)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if rank() == 0:  # torchrun signals every process: one notice is enough
+            print(
+                f"\n{signal.Signals(signum).name}: stopping {self.what} at the next safe point (send it again to abort)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -226,7 +227,8 @@ def run_cli(main: Callable[[Any], Any], cfg_cls: type, argv: list[str] | None = 
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        if rank() == 0:
+            print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

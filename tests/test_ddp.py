@@ -4,6 +4,7 @@ sampler splits every global batch between the ranks without overlap."""
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -104,3 +105,25 @@ def test_sampler_start_skips_the_batches_already_trained_on():
     full = list(s)
     s.set_epoch(2, start=4)
     assert list(s) == full[4:] and len(s) == len(full)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_once_and_resume_matches_an_uninterrupted_ddp_run(tmp_path, data):
+    """torchrun forwards SIGTERM to every rank; the ranks agree on the step to stop at (or one
+    would wait forever in an all-reduce), rank 0 saves, and --resume under torchrun continues."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    flags = ("--data", data, "--epochs", "2", "--batch-size", "8", "--log-every", "4", "--seed", "1")
+    ok(torchrun("train_jepa.py", *flags, "--out-dir", ref))
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_jepa.py", *map(str, flags)]
+    proc = subprocess.Popen([*cmd, "--out-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "Step 00008" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("interrupted at step") == 1, err
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert 8 <= ckpt["step"] < 70
+    ok(torchrun("train_jepa.py", *flags, "--out-dir", out, "--resume"))
+    assert_same_training(ref, out, "jepa_cnn")
