@@ -51,9 +51,11 @@ class StopRequest:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, what: str):
-        self.what, self.requested, self._old = what, 0, {}
+        self.what, self.requested, self._old, self._pid = what, 0, {}, os.getpid()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: the parent decides
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signum
@@ -329,10 +331,15 @@ def gather_batch(z: torch.Tensor) -> torch.Tensor:
     return _AllGather.apply(z)
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: nccl only moves CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     if world_size() == 1 or not values:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return dict(zip(values, (t / world_size()).tolist(), strict=True))
 
@@ -747,6 +754,7 @@ def fit(
                 # one small reduction per step: every rank must agree to skip or to stop
                 flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), float(stop.requested)])
                 if world_size() > 1:
+                    flags = flags.to(comm_device())
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 bad, stopping = bool(flags[0]), bool(flags[1])
                 step += 1
@@ -819,6 +827,7 @@ def fit(
                 summary["skipped_steps"] = skipped
             stop_now = torch.tensor([float(stop.requested)])
             if world_size() > 1:
+                stop_now = stop_now.to(comm_device())
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             if stop_now.item() and epoch + 1 < settings.epochs:
                 raise Interrupted(
