@@ -263,6 +263,90 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return arrays, meta, notes
 
 
+def dataset_shards(path: str | Path) -> list[Path]:
+    """The datasets a --data path names: itself, or, for a directory of datasets (each a
+    collector `--out DIR` directory, e.g. collected on several machines), every one of them in
+    name order."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.npy")):
+        return [p]
+    shards = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and any(d.glob("*.npy")))
+    return shards or [p]
+
+
+class ShardedFrames:
+    """The frames of several memory-mapped shards as one [N,H,W,C] uint8 array: indexing gathers
+    from each shard in turn, so nothing is concatenated in RAM."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0, *map(len, parts)])
+        self.shape = torch.Size((int(self.offsets[-1]), *parts[0].shape[1:]))
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        flat = np.asarray(idx, dtype=np.int64).reshape(-1)
+        flat = np.where(flat < 0, flat + len(self), flat)
+        shard = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = np.empty((len(flat), *self.shape[1:]), np.uint8)
+        for s in np.unique(shard):
+            rows = shard == s
+            out[rows] = self.parts[s][flat[rows] - self.offsets[s]]
+        return torch.from_numpy(out.reshape(*np.shape(idx), *self.shape[1:]))
+
+    def numpy(self) -> np.ndarray:
+        return np.concatenate(self.parts)
+
+
+def combine_shards(paths: list[Path], loaded: list[tuple[dict, dict, list]]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Several validated datasets -> one: episode ids made distinct, next_obs_index re-pointed
+    into concat(all obs, all terminal_obs); frames stay in their shards (`ShardedFrames`)."""
+    first_arrays, first_meta, _ = loaded[0]
+    shape, kind = first_arrays["obs"].shape[1:], first_arrays["action"].shape[1:]
+    for p, (a, _, _) in zip(paths, loaded, strict=True):
+        if a["obs"].shape[1:] != shape:
+            fail(f"shard {p} has frames {list(a['obs'].shape[1:])} but {paths[0]} has {list(shape)}; a dataset's shards must match")
+        if a["action"].shape[1:] != kind:
+            fail(f"shard {p} has actions of shape {list(a['action'].shape[1:])} but {paths[0]} has {list(kind)}")
+    n_obs = [len(a["obs"]) for a, _, _ in loaded]
+    n_term = [len(a["terminal_obs"]) for a, _, _ in loaded]
+    total = sum(n_obs)
+    obs_at, term_at = np.cumsum([0, *n_obs]), np.cumsum([0, *n_term])
+    nxt, episodes, ep_at = [], [], 0
+    for i, (a, _, _) in enumerate(loaded):
+        j = a["next_obs_index"]
+        nxt.append(np.where(j < n_obs[i], j + obs_at[i], j - n_obs[i] + total + term_at[i]))
+        _, ep = np.unique(a["episode"], return_inverse=True)
+        episodes.append(ep.astype(np.int64) + ep_at)
+        ep_at += int(ep.max()) + 1
+    common = set.intersection(*(set(a) for a, _, _ in loaded)) - {"obs", "terminal_obs", "next_obs_index", "episode"}
+    arrays: dict[str, Any] = {k: np.concatenate([a[k] for a, _, _ in loaded]) for k in sorted(common)}
+    arrays.update(
+        obs=ShardedFrames([a["obs"] for a, _, _ in loaded]),
+        terminal_obs=ShardedFrames([a["terminal_obs"] for a, _, _ in loaded]),
+        next_obs_index=np.concatenate(nxt),
+        episode=np.concatenate(episodes),
+    )
+    notes = sorted({n for _, _, ns in loaded for n in ns})
+    envs = sorted({str(m.get("env", "?")) for _, m, _ in loaded})
+    if len(envs) > 1:
+        notes.append(f"the shards come from different envs: {', '.join(envs)}")
+    dropped = sorted(set.union(*(set(a) for a, _, _ in loaded)) - common - {"obs", "terminal_obs", "next_obs_index", "episode"})
+    if dropped:
+        notes.append(f"keys not in every shard are left out: {', '.join(dropped)}")
+    if first_meta.get("action_space", {}).get("n") is not None:
+        first_meta["action_space"]["n"] = max(int((m.get("action_space") or {}).get("n", 0)) for _, m, _ in loaded)
+    meta = dict(first_meta, shards=len(paths), episodes=ep_at)
+    return arrays, meta, notes
+
+
 class MiniGridTransitions(Dataset):
     """Map-style dataset of transitions. Item i is a dict of tensors: `obs` and `next_obs`
     uint8 [H,W,C], `action`, `reward`, `done`, `episode`, and the probe labels when present.
@@ -270,12 +354,17 @@ class MiniGridTransitions(Dataset):
     so loading costs about one memcpy per batch."""
 
     def __init__(self, path: str | Path):
-        arrays, self.meta, self.notes = load_arrays(path)
+        shards = dataset_shards(path)
+        if len(shards) == 1:
+            arrays, self.meta, self.notes = load_arrays(shards[0])
+        else:
+            arrays, self.meta, self.notes = combine_shards(shards, [load_arrays(s) for s in shards])
         self.path = str(path)
         self.memory_mapped = Path(path).is_dir()
         # torch.from_numpy shares memory with the arrays: no copy of the frames.
-        self.obs = torch.from_numpy(arrays.pop("obs"))
-        self.terminal_obs = torch.from_numpy(arrays.pop("terminal_obs"))
+        obs, term = arrays.pop("obs"), arrays.pop("terminal_obs")
+        self.obs = obs if isinstance(obs, ShardedFrames) else torch.from_numpy(obs)
+        self.terminal_obs = term if isinstance(term, ShardedFrames) else torch.from_numpy(term)
         self.next_index = torch.from_numpy(arrays.pop("next_obs_index").astype(np.int64, copy=False))
         self.episode = arrays["episode"]
         self.fields = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}

@@ -110,3 +110,43 @@ def test_bad_directories_are_one_line_errors(tmp_path, both_layouts):
     (broken / "obs.npy").write_bytes(b"not an array")
     assert_one_line_error(run("minigrid_dataset.py", broken), "damaged")
     assert_one_line_error(run("collect_minigrid_data.py", "--out", tmp_path / "x.h5"), "must end in .npz")
+
+
+# ----------------------------------------------------------------------------- a directory of shards
+
+
+def test_a_directory_of_datasets_loads_as_one_without_copying_frames(tmp_path):
+    """Datasets collected apart (other seeds, other machines) under one directory are one
+    dataset: every transition's obs and next_obs is the one its own shard gives, episodes stay
+    distinct, and the frames stay memory-mapped in their shards."""
+    root = tmp_path / "big"
+    parts = [collect(root / f"part{i}", seed=10 * i, episodes=3 + i, max_steps=15) for i in range(3)]
+    whole = MiniGridTransitions(root)
+    singles = [MiniGridTransitions(p) for p in parts]
+    assert len(whole) == sum(map(len, singles)) and whole.meta["shards"] == 3
+    assert whole.frame_bytes == sum(s.frame_bytes for s in singles) and whole.memory_mapped
+    assert len(np.unique(whole.episode)) == sum(len(np.unique(s.episode)) for s in singles)
+    at = 0
+    for single in singles:
+        idx = list(range(len(single)))
+        a, b = single.__getitems__(idx), whole.__getitems__([at + i for i in idx])
+        for key in ("obs", "next_obs", "action", "reward", "done", "agent_pos"):
+            assert torch.equal(a[key], b[key]), key
+        at += len(single)
+    shuffled = np.random.default_rng(0).permutation(len(whole))[:50].tolist()
+    assert torch.equal(whole.__getitems__(shuffled)["obs"], torch.from_numpy(whole.obs.numpy()[shuffled]))
+
+
+def test_training_reads_a_directory_of_shards(tmp_path):
+    root = tmp_path / "big"
+    for i in range(2):
+        collect(root / f"part{i}", seed=i * 100, episodes=4)
+    ok(run("train_jepa.py", "--data", root, "--epochs", "1", "--batch-size", "16", "--out-dir", tmp_path / "run"))
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["data_meta"]["shards"] == 2
+
+
+def test_shards_with_different_frames_are_one_line_error(tmp_path):
+    root = tmp_path / "big"
+    collect(root / "a", episodes=2)
+    collect(root / "b", episodes=2, image_size=16)
+    assert_one_line_error(run("minigrid_dataset.py", root), "shard", "must match")
