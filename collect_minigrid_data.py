@@ -531,9 +531,8 @@ def main(cfg: CollectConfig) -> Path:
         progress = read_progress(parts)
         changed = [k for k in RESUME_KEYS if progress["settings"].get(k) != settings[k]]
         if changed:
-            fail(
-                f"--resume: {', '.join(f'--{k.replace(chr(95), chr(45))}' for k in changed)} differ from the interrupted collection's; resume with the same flags"
-            )
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            fail(f"--resume: {flags} differ from the interrupted collection's; resume with the same flags")
     elif parts.is_dir():
         fail(f"{parts} holds an interrupted collection into {out}; continue it with --resume or delete that directory")
     first = sum(s["episodes"] for s in progress["shards"])
