@@ -326,7 +326,8 @@ def combine_shards(paths: list[Path], loaded: list[tuple[dict, dict, list]]) -> 
         _, ep = np.unique(a["episode"], return_inverse=True)
         episodes.append(ep.astype(np.int64) + ep_at)
         ep_at += int(ep.max()) + 1
-    common = set.intersection(*(set(a) for a, _, _ in loaded)) - {"obs", "terminal_obs", "next_obs_index", "episode"}
+    linked = {"obs", "terminal_obs", "next_obs_index", "episode"}  # rebuilt below, not concatenated
+    common = set.intersection(*(set(a) for a, _, _ in loaded)) - linked
     arrays: dict[str, Any] = {k: np.concatenate([a[k] for a, _, _ in loaded]) for k in sorted(common)}
     arrays.update(
         obs=ShardedFrames([a["obs"] for a, _, _ in loaded]),
@@ -338,10 +339,10 @@ def combine_shards(paths: list[Path], loaded: list[tuple[dict, dict, list]]) -> 
     envs = sorted({str(m.get("env", "?")) for _, m, _ in loaded})
     if len(envs) > 1:
         notes.append(f"the shards come from different envs: {', '.join(envs)}")
-    dropped = sorted(set.union(*(set(a) for a, _, _ in loaded)) - common - {"obs", "terminal_obs", "next_obs_index", "episode"})
+    dropped = sorted(set.union(*(set(a) for a, _, _ in loaded)) - common - linked)
     if dropped:
         notes.append(f"keys not in every shard are left out: {', '.join(dropped)}")
-    if first_meta.get("action_space", {}).get("n") is not None:
+    if (first_meta.get("action_space") or {}).get("n") is not None:
         first_meta["action_space"]["n"] = max(int((m.get("action_space") or {}).get("n", 0)) for _, m, _ in loaded)
     meta = dict(first_meta, shards=len(paths), episodes=ep_at)
     return arrays, meta, notes

@@ -150,3 +150,15 @@ def test_shards_with_different_frames_are_one_line_error(tmp_path):
     collect(root / "a", episodes=2)
     collect(root / "b", episodes=2, image_size=16)
     assert_one_line_error(run("minigrid_dataset.py", root), "shard", "must match")
+
+
+def test_shards_without_a_recorded_action_space_load(tmp_path):
+    """meta may record `action_space: null` (the loader accepts it for one file): so must the shard merge."""
+    root = tmp_path / "big"
+    for i in range(2):
+        part = collect(root / f"part{i}", seed=i, episodes=2, max_steps=10)
+        meta = json.loads((part / "meta.json").read_text())
+        meta["action_space"] = None
+        (part / "meta.json").write_text(json.dumps(meta))
+    data = MiniGridTransitions(root)
+    assert data.meta["shards"] == 2 and data.num_actions >= int(data.fields["action"].max()) + 1
