@@ -9,6 +9,9 @@
   and rendering the same frames (1.0 = no overhead); with and without writing the .npz.
 - train: full training-loop samples/s (DataLoader, uint8 -> float, EMA, logging) vs the
   model-only step on a batch already on the device.
+- train (unroll): one optimizer step on K-step windows vs K one-step steps, CNN JEPA with the
+  trainer's objective (inverse dynamics, VICReg on every frame, residual predictor); the
+  target is at most 1.2 (K steps of prediction cost no more than K one-step updates + 20%).
 - train (DDP): `torchrun --nproc_per_node N` vs one process, CNN JEPA, same global batch and
   steps, samples/s from each run's metrics.csv.
 - data: dataset RAM vs the uint8 bytes of its frames; bytes per transition in RAM and on disk
@@ -36,7 +39,7 @@ import torch
 from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
 from collect_minigrid_data import main as collect_main
 from minigrid_dataset import MiniGridTransitions, make_loaders
-from wm_common import FitSettings, choose_device, fit, run_cli, seed_everything, write_json
+from wm_common import FitSettings, check_writable_dir, choose_device, fit, run_cli, seed_everything, write_json
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
@@ -53,6 +56,7 @@ class BenchConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps", "choices": ["auto", "cpu", "cuda", "mps"]})
     seed: int = field(default=0, metadata={"help": "seed"})
     num_envs: int = field(default=2, metadata={"help": "worker processes for the parallel-collection figure"})
+    unroll: int = field(default=4, metadata={"help": "K of the unroll figure"})
 
 
 def rss_bytes() -> int:
@@ -203,27 +207,7 @@ def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Pat
     seed_everything(cfg.seed)
     model = build(arch, data).to(device)
     tmp.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    idx = torch.arange(cfg.batch_size)
-    batch = data.__getitems__(idx.tolist())
-    obs, action, next_obs = (batch[k].to(device) for k in ("obs", "action", "next_obs"))
-
-    def model_step() -> None:
-        loss, _ = model.loss(obs, action, next_obs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if hasattr(model, "update_target"):
-            model.update_target()
-        loss.item()
-
-    for _ in range(5):
-        model_step()
-    t = time.perf_counter()
-    for _ in range(cfg.train_steps):
-        model_step()
-    model_rate = cfg.train_steps * cfg.batch_size / (time.perf_counter() - t)
+    model_rate = cfg.batch_size / seconds_per_step(model, data, 1, cfg, device)
 
     train_loader, val_loader = make_loaders(data, batch_size=cfg.batch_size, val_fraction=0.1, seed=cfg.seed)
     log_every = 20
@@ -240,7 +224,6 @@ def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Pat
             device=device,
             settings=settings,
             checkpoint_info=info,
-            term_names=list(model.loss(obs, action, next_obs)[1]),
         )
     with (tmp / "metrics.csv").open() as f:
         rates = [float(r["samples_per_s"]) for r in csv.DictReader(f) if r["phase"] == "train" and r["samples_per_s"]]
@@ -254,7 +237,43 @@ def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Pat
     }
 
 
+def seconds_per_step(model: torch.nn.Module, data: MiniGridTransitions, k: int, cfg: BenchConfig, device: torch.device) -> float:
+    """Median wall time of one optimizer step (loss, backward, clip, AdamW, EMA) on a fixed batch
+    of k-step windows already on the device."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = data.windows(torch.from_numpy(data.window_starts(k)[: cfg.batch_size]), k)
+    frames, actions = batch["frames"].to(device), batch["actions"].to(device)
+
+    def step() -> float:
+        t = time.perf_counter()
+        loss, _ = model.loss(frames, actions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if hasattr(model, "update_target"):
+            model.update_target()
+        loss.item()
+        return time.perf_counter() - t
+
+    for _ in range(5):
+        step()
+    return statistics.median(step() for _ in range(cfg.train_steps))
+
+
+def bench_unroll(cfg: BenchConfig, data: MiniGridTransitions) -> dict:
+    """A K-step update against K one-step updates, the trainer's CNN JEPA objective."""
+    device = choose_device(cfg.device)
+    times = {}
+    for k in (1, cfg.unroll):
+        seed_everything(cfg.seed)
+        config = JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions, idm_coeff=1.0, vc_all_steps=True, residual=True)
+        times[k] = seconds_per_step(JEPAWorldModel(config=config).to(device), data, k, cfg, device)
+    return {"unroll": cfg.unroll, "seconds_per_step": times, "over_k_one_step": times[cfg.unroll] / (cfg.unroll * times[1])}
+
+
 def main(cfg: BenchConfig) -> dict:
+    check_writable_dir(Path(cfg.out).resolve().parent, "--out directory")
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -265,6 +284,7 @@ def main(cfg: BenchConfig) -> dict:
         dat = bench_data(path)
         data = MiniGridTransitions(path)
         trains = {arch: bench_train(cfg, arch, data, tmp / arch) for arch in ARCHS}
+        unroll = bench_unroll(cfg, data)
         ddp = bench_ddp(cfg, path, tmp)
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -272,6 +292,7 @@ def main(cfg: BenchConfig) -> dict:
         "collect_parallel": par,
         "collect_vector_env": vec,
         "train_ddp": ddp,
+        "train_unroll": unroll,
         "data": dat,
         **{f"train_{arch}": tr for arch, tr in trains.items()},
     }
@@ -303,6 +324,11 @@ def main(cfg: BenchConfig) -> dict:
                 f"{tr['model_only_samples_per_s']:.0f} vs {tr['training_loop_samples_per_s']:.0f} samples/s",
             )
             for arch, tr in trains.items()
+        ),
+        (
+            f"train jepa_cnn: --unroll {unroll['unroll']} step / {unroll['unroll']} one-step steps (target <= 1.2)",
+            unroll["over_k_one_step"],
+            f"{1e3 * unroll['seconds_per_step'][unroll['unroll']]:.0f} ms vs {1e3 * unroll['seconds_per_step'][1]:.0f} ms",
         ),
         (
             f"train jepa_cnn: DDP {ddp.get('processes')} processes / 1 (same global batch)",

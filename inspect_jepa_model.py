@@ -189,6 +189,23 @@ def pixel_rollout_errors(
     }
 
 
+def changed_pixels(pred: torch.Tensor, current: torch.Tensor, true: torch.Tensor) -> dict[str, Any]:
+    """Does the predicted frame show the change, e.g. the agent in its new cell? On the pixels
+    where s_t+1 differs from s_t, a prediction is right when it is closer to s_t+1 than to s_t.
+    Frames [n,C,H,W] in [0,1]; transitions without a change (a bump into a wall) are left out.
+    Copying s_t scores 0, drawing s_t+1 exactly 1."""
+    mask = ((true - current).abs().amax(1, keepdim=True) > 1e-6).float()  # [n,1,H,W]
+    moved = mask.flatten(1).any(1)
+    to_next = ((pred - true).pow(2) * mask).flatten(1).sum(1)
+    to_current = ((pred - current).pow(2) * mask).flatten(1).sum(1)
+    right = (to_next < to_current)[moved]
+    return {
+        "closer_to_next_acc": float(right.float().mean()) if len(right) else float("nan"),
+        "num_transitions": int(moved.sum()),
+        "note": "share of held-out transitions whose frame changes where the prediction is closer to s_t+1 than to s_t on the changed pixels (copying s_t: 0)",
+    }
+
+
 def open_loop(starts: np.ndarray, state: torch.Tensor, step, score, episode: np.ndarray) -> dict[str, Any]:
     """Rolls `state` (one row per start) forward for each horizon in HORIZONS, feeding every
     prediction back: step(state, j) advances it with the logged transitions j, score(state,
@@ -382,6 +399,7 @@ def inspect_model(
         true = next_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
         pred_loss = float((pred - true).pow(2).mean())
         cos = F.cosine_similarity(pred.flatten(1), true.flatten(1), dim=-1)
+        change = changed_pixels(pred, obs_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale, true)
     else:
         z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
         z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
@@ -406,6 +424,8 @@ def inspect_model(
         "effective_rank": rank,
         "collapse_warning": collapse_warning(std, rank, dim),
     }
+    if pixel_model:
+        report["changed_pixels"] = change
     conv = first_layer(model)
     report["first_conv"] = {
         "shape": list(conv.shape),
@@ -700,6 +720,12 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
         reports[name], figures[name] = inspect_model(name, ckpt, data, bool(same), cfg, device)
         r = reports[name]
         print(f"  latent size {r['latent_dim']} | z_pred vs z_target: MSE {r['pred_loss']:.2e}, cosine {r['pred_cosine']:.4f}")
+        if "changed_pixels" in r:
+            cp = r["changed_pixels"]
+            print(
+                f"  predicted frames closer to s_t+1 than to s_t on the changed pixels: {_fmt(cp['closer_to_next_acc'])} "
+                f"of {cp['num_transitions']} transitions (copying: 0)"
+            )
         c = r["first_conv"]
         print(f"  first conv {c['shape']}: mean {c['mean']:+.4f} std {c['std']:.4f} min {c['min']:+.3f} max {c['max']:+.3f}")
         print(

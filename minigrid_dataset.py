@@ -405,6 +405,19 @@ class MiniGridTransitions(Dataset):
             out[at_end] = self.terminal_obs[j[at_end] - n]
         return out
 
+    def window_starts(self, k: int) -> np.ndarray:
+        """Rows i whose transitions i..i+k-1 are k consecutive steps of one episode (k=1: every row)."""
+        step = self.fields["step"].numpy() if "step" in self.fields else None
+        return window_starts(self.episode, self.fields["done"].numpy(), step, k)
+
+    def windows(self, starts: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """The k-step windows from rows `starts`: `frames` uint8 [B,k+1,H,W,C] (obs_t..obs_t+k) and
+        `actions` [B,k] ([B,k,A] continuous). Rows must come from `window_starts(k)`."""
+        rows = starts[:, None] + torch.arange(k)  # [B,k]
+        nxt = self.next_obs(rows.flatten()).view(len(starts), k, *self.frame_shape)  # obs_t+1..obs_t+k
+        frames = torch.cat([self.obs[starts][:, None], nxt], dim=1)  # [B,k+1,H,W,C]
+        return {"frames": frames, "actions": self.fields["action"][rows]}
+
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         batch = {k: v[idx] for k, v in self.fields.items()}
@@ -414,6 +427,34 @@ class MiniGridTransitions(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def window_starts(episode: np.ndarray, done: np.ndarray, step: np.ndarray | None, k: int) -> np.ndarray:
+    """Rows i such that rows i..i+k-1 are consecutive steps of one episode: same episode id, no
+    episode end before the last, and (when recorded) step numbers counting up by one. A window
+    never crosses an episode end."""
+    n = len(episode)
+    ok = np.ones(max(n - k + 1, 0), dtype=bool)
+    for j in range(1, k):
+        prev, cur = slice(j - 1, n - k + j), slice(j, n - k + j + 1)
+        ok &= (episode[cur] == episode[prev]) & ~done[prev]
+        if step is not None:
+            ok &= step[cur] == step[prev] + 1
+    return np.flatnonzero(ok)
+
+
+class TransitionWindows(Dataset):
+    """The dataset seen as k-step windows: item i is the window starting at row i (see
+    `MiniGridTransitions.windows`); the sampler only draws rows from `window_starts(k)`."""
+
+    def __init__(self, data: "MiniGridTransitions", k: int):
+        self.data, self.k = data, k
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.data.windows(torch.as_tensor(indices, dtype=torch.int64), self.k)
 
 
 def split_episodes(episode: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -454,7 +495,10 @@ class EpochBatchSampler:
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
         for i in range(self.start, len(self)):
-            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
+            # without drop_last the last batch takes the remainder (one transition alone would
+            # give NaN batch statistics such as VICReg's variance)
+            end = len(order) if i == len(self) - 1 and not self.drop_last else (i + 1) * self.batch_size
+            batch = order[i * self.batch_size : end]
             if self.world_size > 1:
                 share = len(batch) // self.world_size
                 batch = batch[self.rank * share : (self.rank + 1) * share]
@@ -462,7 +506,9 @@ class EpochBatchSampler:
 
     def __len__(self) -> int:
         n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last or n % self.batch_size == 1 and n > 1:  # a lone leftover joins the batch before it
+            return n // self.batch_size
+        return -(-n // self.batch_size)
 
 
 def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -479,10 +525,14 @@ def make_loaders(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    unroll: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """(train, val) DataLoaders over an episode-level split. Train batches are shuffled per
-    epoch and full-sized, and split across `world_size` ranks; val keeps every transition in
-    order (every rank evaluates all of it)."""
+    """(train, val) DataLoaders of `unroll`-step windows (`frames` [B,unroll+1,H,W,C], `actions`
+    [B,unroll]) over an episode-level split. Train batches are shuffled per epoch and
+    full-sized, and split across `world_size` ranks; val keeps every window in order (every
+    rank evaluates all of it). With unroll 1 the windows are the transitions, in the same order."""
+    if unroll < 1:
+        fail(f"--unroll must be at least 1 (1: one-step training), got {unroll}")
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
@@ -490,15 +540,21 @@ def make_loaders(
     if batch_size % world_size:
         fail(f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} processes")
     train_idx, val_idx = split_episodes(data.episode, val_fraction, seed)
+    starts = data.window_starts(unroll)
+    train_idx, val_idx = np.intersect1d(train_idx, starts), np.intersect1d(val_idx, starts)
+    what = "transitions" if unroll == 1 else f"windows of {unroll} consecutive steps"
     if len(train_idx) < batch_size:
         fail(
-            f"the training split has {len(train_idx)} transitions, fewer than --batch-size {batch_size}; "
-            "collect more episodes or lower --batch-size"
+            f"the training split has {len(train_idx)} {what}, fewer than --batch-size {batch_size}; "
+            f"collect more (or longer) episodes, lower --batch-size{' or --unroll' if unroll > 1 else ''}"
         )
+    if len(val_idx) == 0:
+        fail(f"the validation episodes hold no {what}; collect more (or longer) episodes or lower --unroll")
     kw = dict(collate_fn=_as_batch, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    windows = TransitionWindows(data, unroll)
     train_sampler = EpochBatchSampler(train_idx, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world_size)
-    train = DataLoader(data, batch_sampler=train_sampler, **kw)
-    val = DataLoader(data, batch_sampler=EpochBatchSampler(val_idx, batch_size, shuffle=False, seed=seed, drop_last=False), **kw)
+    train = DataLoader(windows, batch_sampler=train_sampler, **kw)
+    val = DataLoader(windows, batch_sampler=EpochBatchSampler(val_idx, batch_size, shuffle=False, seed=seed, drop_last=False), **kw)
     return train, val
 
 

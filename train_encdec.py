@@ -30,7 +30,6 @@ from wm_common import (
 )
 from world_model_vit import EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
 
-LOSS_TERMS = ["recon_loss"]
 # config.yaml keys that configure the JEPA, not this model
 JEPA_KEYS = ("jepa_predictor_hidden_dim", "ema_decay", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff")
 
@@ -41,6 +40,10 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     decoder_dim: int = field(default=128, metadata={"help": "decoder width"})
     num_decoder_layers: int = field(default=2, metadata={"help": "decoder transformer blocks"})
     num_examples: int = field(default=8, metadata={"help": "held-out examples drawn in predictions.png"})
+    residual: bool = field(
+        default=True, metadata={"help": "decode the change from s_t, not the whole frame (--no-residual: seed 000's decoder)"}
+    )
+    unroll: int = field(default=1, metadata={"help": "train on K-step windows, each predicted frame fed back (1: one-step)"})
 
 
 def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig) -> ViTEncoderDecoder:
@@ -52,7 +55,10 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig)
             )
     else:
         config = EncDecConfig(
-            **vit_kwargs(cfg, data, cfg.latent_dim), decoder_dim=cfg.decoder_dim, num_decoder_layers=cfg.num_decoder_layers
+            **vit_kwargs(cfg, data, cfg.latent_dim),
+            decoder_dim=cfg.decoder_dim,
+            num_decoder_layers=cfg.num_decoder_layers,
+            residual=cfg.residual,
         )
     if config.decoder_dim % config.num_heads:
         fail(f"decoder_dim {config.decoder_dim} is not divisible by num_heads {config.num_heads}")
@@ -102,7 +108,7 @@ def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: t
 
 def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
-    summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=LOSS_TERMS)
+    summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg))
     if rank() == 0:
         out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))
         print(f"Saved {out}")

@@ -11,11 +11,12 @@ collapsed (per-dim std, RankMe) and warns if they have: a near-zero JEPA loss me
 its own.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, fail, run_cli, run_training
-from world_model_jepa import LOSS_TERMS, JEPAConfig, JEPAWorldModel
+from world_model_jepa import TARGETS, JEPAConfig, JEPAWorldModel
 from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
 
 # Loss weights when not given: the CNN's prediction loss is seed 003's normalised MSE (tiny
@@ -38,7 +39,23 @@ class TrainConfig(ViTArgs, RunConfig):
     sim_coeff: float | None = field(default=None, metadata={"help": "weight of the prediction loss (default: cnn 1, vit 25)"})
     std_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg variance term (default: cnn 1, vit 25)"})
     cov_coeff: float | None = field(default=None, metadata={"help": "weight of the VICReg covariance term (default: cnn 0.04, vit 1)"})
-    idm_coeff: float = field(default=0.0, metadata={"help": "cnn: weight of an inverse-dynamics loss ((z_t, z_t+1) -> a_t); 0 = off"})
+    unroll: int = field(
+        default=4, metadata={"help": "train on windows of K consecutive steps, the predictor fed its own output K times (1: one-step)"}
+    )
+    idm_coeff: float = field(default=1.0, metadata={"help": "weight of the inverse-dynamics loss ((z_t, z_t+1) -> a_t); 0 = off"})
+    smooth_coeff: float = field(default=0.0, metadata={"help": "weight of temporal smoothness, mean ||z_t+1 - z_t||^2; 0 = off"})
+    target: str = field(
+        default="ema",
+        metadata={
+            "help": "what the predictor aims at: ema = the EMA target encoder; online = the online encoder, stop-gradient",
+            "choices": list(TARGETS),
+        },
+    )
+    vc_all_steps: bool = field(
+        default=True,
+        metadata={"help": "cnn: VICReg terms on every frame of the window (--no-vc-all-steps: obs_t only; the ViT always uses all)"},
+    )
+    residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
     arrangement: str = field(
@@ -64,12 +81,7 @@ def coeffs(cfg: TrainConfig) -> dict[str, float]:
 
 def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
     if cfg.arch == "cnn":
-        if saved is not None and saved.get("idm_coeff", 0.0) != cfg.idm_coeff:
-            fail(f"the run was trained with --idm-coeff {saved.get('idm_coeff', 0.0)}; resume it with the same value")
-        try:
-            config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
-        except ValueError as e:
-            fail(f"{e} (--idm-coeff)")
+        config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
         shape = config.obs_shape
         model = JEPAWorldModel(config=config)
     else:
@@ -95,8 +107,14 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         sim_coeff=c["sim"],
         std_coeff=c["std"],
         cov_coeff=c["cov"],
-        idm_coeff=cfg.idm_coeff,
+        vc_all_steps=cfg.vc_all_steps,
+        **objective(cfg),
     )
+
+
+def objective(cfg: TrainConfig) -> dict[str, Any]:
+    """The multi-step objective's model-config fields, the same for both architectures."""
+    return dict(idm_coeff=cfg.idm_coeff, smooth_coeff=cfg.smooth_coeff, target=cfg.target, residual=cfg.residual)
 
 
 def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
@@ -112,6 +130,7 @@ def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
         vicreg_sim_coeff=c["sim"],
         vicreg_std_coeff=c["std"],
         vicreg_cov_coeff=c["cov"],
+        **objective(cfg),
     )
 
 
@@ -121,10 +140,13 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         fail(f"--latent-dim must be at least 1, got {cfg.latent_dim}")
     if not 0 <= cfg.ema_decay <= 1:
         fail(f"--ema-decay must be between 0 and 1 (the target keeps this share of itself each step), got {cfg.ema_decay}")
-    if cfg.idm_coeff < 0 or (cfg.idm_coeff > 0 and cfg.arch != "cnn"):
-        fail(f"--idm-coeff {cfg.idm_coeff}: the inverse-dynamics loss is a non-negative weight for --arch cnn")
-    terms = LOSS_TERMS + (["idm_loss"] if cfg.idm_coeff > 0 else [])
-    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg), term_names=terms)
+    for flag in ("idm_coeff", "smooth_coeff"):
+        value = getattr(cfg, flag)
+        if not (value >= 0 and math.isfinite(value)):
+            fail(f"--{flag.replace('_', '-')} must be a finite weight >= 0 (0: off), got {value}")
+    if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":
+        fail("--target online needs --arrangement common (in seed 000's arrangement the EMA encoder encodes s_t)")
+    return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg))
 
 
 if __name__ == "__main__":

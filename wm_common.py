@@ -352,8 +352,8 @@ class _LossForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.model.loss(obs, action, next_obs)
+    def forward(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.model.loss(frames, actions)
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -489,6 +489,31 @@ def action_embedding(*, num_actions: int, dim: int, continuous: bool) -> nn.Modu
     """Discrete actions [B] int64 -> a learned vector per action; continuous actions [B,A]
     float -> a linear map of the action vector (num_actions is then A)."""
     return nn.Linear(num_actions, dim) if continuous else nn.Embedding(num_actions, dim)
+
+
+def flat_steps(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Applies a per-frame function to every step at once: x [B,T,...] -> fn(x) [B,T,D]."""
+    return fn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def inverse_dynamics_head(*, latent_dim: int, hidden_dim: int, num_actions: int) -> nn.Module:
+    """(z_t, z_t+1) concatenated [.., 2D] -> action logits (or the action vector) [.., A]."""
+    return nn.Sequential(nn.Linear(2 * latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_actions))
+
+
+def inverse_dynamics_loss(head: nn.Module, z: torch.Tensor, actions: torch.Tensor, continuous: bool) -> torch.Tensor:
+    """Which action led from z_t to z_t+1, for every step of a window? z [B,T+1,D], actions
+    [B,T] (cross-entropy) or [B,T,A] (MSE). Latents that answer it must encode what the actions
+    change (the agent's cell and heading), which a prediction loss alone does not force."""
+    out = head(torch.cat([z[:, :-1], z[:, 1:]], dim=-1))  # [B,T,A]
+    if continuous:
+        return F.mse_loss(out, actions)
+    return F.cross_entropy(out.flatten(0, 1), actions.flatten())
+
+
+def smoothness_loss(z: torch.Tensor) -> torch.Tensor:
+    """Temporal smoothness: mean squared change of the latent per step, z [B,T+1,D]."""
+    return (z[:, 1:] - z[:, :-1]).pow(2).mean()
 
 
 def latent_rollout(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -680,11 +705,10 @@ def fit(
     device: torch.device,
     settings: FitSettings,
     checkpoint_info: dict[str, Any],
-    term_names: list[str],
     resume_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The loop every trainer runs. The model supplies `loss(obs, action, next_obs) ->
-    (loss, {term: value})`, optionally `update_target()` (EMA) after each optimiser step, and
+    """The loop every trainer runs. The model supplies `loss(frames [B,K+1,...], actions [B,K])
+    -> (loss, {term: value})` with the terms named by `term_names()`, optionally `update_target()` (EMA) after each optimiser step, and
     `encode(obs)` for the per-epoch collapse diagnostics. Data order comes from the loader's
     epoch-seeded sampler, and a checkpoint records how far into its epoch it was taken, so
     `--resume` continues with exactly the batches (and, on CPU, the losses) of an uninterrupted
@@ -705,7 +729,7 @@ def fit(
         if "rng_state" in resume_from:
             torch.set_rng_state(resume_from["rng_state"])
     latent_dim = getattr(model, "latent_dim", None)
-    fields = ["step", "epoch", "phase", "loss", *term_names, "embedding_std", "effective_rank", "samples_per_s", "time_s"]
+    fields = ["step", "epoch", "phase", "loss", *model.term_names(), "embedding_std", "effective_rank", "samples_per_s", "time_s"]
     log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None) if main_rank else None
     sampler = train_loader.batch_sampler
     if len(sampler) == 0:
@@ -730,6 +754,10 @@ def fit(
         payload.update(batch_in_epoch=batch_in_epoch, running=shared, rng_state=torch.get_rng_state())
         save_checkpoint(out / "model.pt", payload)
 
+    def kept() -> str:
+        ckpt = out / "model.pt"
+        return f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written"
+
     def write_row(row: dict[str, Any]) -> None:
         if log is not None:
             log.write(row)
@@ -737,6 +765,7 @@ def fit(
     if start_epoch >= settings.epochs:
         say(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
     skipped_in_a_row = skipped = 0
+    history: list[tuple[float, float]] = []  # (train, val) loss per epoch of this process
     with StopRequest("training") as stop:
         for epoch in range(start_epoch, settings.epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -745,9 +774,9 @@ def fit(
             run = carried if epoch == start_epoch and carried is not None else _Running()
             t_window = time.perf_counter()
             for batch_idx, batch in enumerate(train_loader, start=first + 1):
-                obs, action, next_obs = (batch[k].to(device, non_blocking=True) for k in ("obs", "action", "next_obs"))
+                frames, actions = (batch[k].to(device, non_blocking=True) for k in ("frames", "actions"))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
-                    loss, terms = loss_fn(obs, action, next_obs)
+                    loss, terms = loss_fn(frames, actions)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = _grad_norm(model, settings.grad_clip)
@@ -761,12 +790,10 @@ def fit(
                 if bad:
                     what = f"loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at step {step} (epoch {epoch + 1}, batch {batch_idx})"
                     if not settings.skip_nonfinite:
-                        fail(f"{what}; the last good checkpoint in {out} is kept; lower --lr, check the data, or pass --skip-nonfinite")
+                        fail(f"{what}; {kept()}; lower --lr, check the data, or pass --skip-nonfinite")
                     skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                     if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        fail(
-                            f"{what}: {skipped_in_a_row} non-finite steps in a row, the model is broken; the last good checkpoint in {out} is kept"
-                        )
+                        fail(f"{what}: {skipped_in_a_row} non-finite steps in a row, the model is broken; {kept()}")
                     say(f"warning: {what}: skipped the update")
                     opt.zero_grad(set_to_none=True)
                 else:
@@ -792,7 +819,7 @@ def fit(
                         stop.requested or signal.SIGTERM,
                     )
             if run.epoch_n == 0:
-                fail(f"no finite step in epoch {epoch + 1}; the last good checkpoint in {out} is kept")
+                fail(f"no finite step in epoch {epoch + 1}; {kept()}")
             if run.window_n:
                 avg = run.averages()
                 rate = run.window_n * sampler.batch_size / (time.perf_counter() - t_window)
@@ -818,6 +845,14 @@ def fit(
                     f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
                     "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff."
                 )
+            history.append((epoch_mean, val["loss"]))
+            if overfitting(history):
+                (t0, v0), (t1, v1) = history[-3], history[-1]
+                say(
+                    f"WARNING: validation loss rising ({v0:.4f} -> {v1:.4f} over 2 epochs) while training loss falls "
+                    f"({t0:.4f} -> {t1:.4f}): the model is fitting its training episodes, not the env. "
+                    "Use fewer epochs or collect more episodes"
+                )
             write_row({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
             save(epoch + 1)
             if main_rank:
@@ -839,6 +874,14 @@ def fit(
     return summary
 
 
+def overfitting(history: list[tuple[float, float]]) -> bool:
+    """Validation loss up two epochs in a row while the training loss went down."""
+    if len(history) < 3:
+        return False
+    (t0, v0), (t1, v1), (t2, v2) = history[-3:]
+    return v2 > v1 > v0 and t2 < t1 < t0
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, max_latents: int = 4096) -> dict[str, float]:
     """Mean loss and terms over a loader, plus the collapse diagnostics on the online latents."""
@@ -849,15 +892,15 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, max_late
     latents = []
     kept = 0
     for batch in loader:
-        obs, action, next_obs = (batch[k].to(device) for k in ("obs", "action", "next_obs"))
-        loss, terms = model.loss(obs, action, next_obs)
-        b = len(obs)
+        frames, actions = batch["frames"].to(device), batch["actions"].to(device)
+        loss, terms = model.loss(frames, actions)
+        b = len(frames)
         sums["loss"] = sums.get("loss", 0.0) + loss.item() * b
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
         if hasattr(model, "latent_dim") and kept < max_latents:
-            latents.append(model.encode(obs[: max_latents - kept]).cpu())
+            latents.append(model.encode(frames[: max_latents - kept, 0]).cpu())
             kept += len(latents[-1])
     model.train(was_training)
     if n == 0:
@@ -927,6 +970,55 @@ class RunConfig:
             "help": f"skip an update whose loss or gradient is NaN/inf instead of stopping ({MAX_SKIPPED_IN_A_ROW} in a row still stop)"
         },
     )
+    steps: int = dataclasses.field(
+        default=0,
+        metadata={"help": "budget in optimizer steps: train the fewest whole epochs that reach it (overrides --epochs; 0: use --epochs)"},
+    )
+    unroll: int = dataclasses.field(
+        default=1,
+        metadata={"help": "train on windows of K consecutive steps, the predictor fed its own output K times (1: one-step)"},
+    )
+
+
+# Fewer optimizer steps than this leave the models here short of what their data can teach
+# (measured: one-step prediction no better than copying the latent); such runs are told so.
+MIN_STEPS = 1500
+
+
+def epochs_for(cfg: Any, steps_per_epoch: int) -> int:
+    """--epochs, or with --steps the fewest whole epochs that give that many optimizer steps."""
+    return -(-cfg.steps // steps_per_epoch) if cfg.steps > 0 else cfg.epochs
+
+
+def warn_if_short(total_steps: int, steps_per_epoch: int, epochs: int) -> None:
+    if total_steps < MIN_STEPS:
+        need = -(-MIN_STEPS // steps_per_epoch)
+        say(
+            f"warning: {epochs} epochs x {steps_per_epoch} batches = {total_steps} optimizer steps, too few for this data "
+            f"(the model will be under-trained; under {MIN_STEPS} steps one-step prediction may not beat copying). "
+            f"Use --epochs {need} or --steps {MIN_STEPS}, or collect more data"
+        )
+
+
+# flags that may differ on --resume: how long, where and how fast, not what is trained
+RESUME_MAY_CHANGE = {"epochs", "steps", "resume", "overwrite", "log_every", "device", "num_workers", "save_every", "skip_nonfinite"}
+RESUME_MAY_CHANGE |= {"compile", "config", "out_dir"}
+# what runs saved before a flag existed were trained with
+FLAG_BEFORE_IT_EXISTED = {"unroll": 1}
+
+
+def check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """--resume continues the same run: refuses any flag that changes the data or the training
+    (naming each with its saved value), so a checkpoint never mixes two runs."""
+    changed = []
+    for key, value in now.items():
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before = saved.get(key, FLAG_BEFORE_IT_EXISTED.get(key, value))
+        if before != value:
+            changed.append(f"--{key.replace('_', '-')} {before} (now {value})")
+    if changed:
+        fail(f"--resume: the run was trained with {', '.join(changed)}; resume with the same values, or start a new run with --out-dir")
 
 
 def run_training(
@@ -934,7 +1026,6 @@ def run_training(
     *,
     arch: str,
     build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
-    term_names: list[str],
 ) -> dict[str, Any]:
     """What every trainer does around `fit`: load and split the data, seed, build (or restore,
     with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
@@ -945,6 +1036,8 @@ def run_training(
 
     if cfg.epochs < 1:
         fail(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.steps < 0:
+        fail(f"--steps must be 0 (use --epochs) or a number of optimizer steps, got {cfg.steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         fail(f"--lr must be positive and finite, got {cfg.lr}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
@@ -963,6 +1056,7 @@ def run_training(
         if not ckpt_path.is_file():
             fail(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         resume_from = load_checkpoint(ckpt_path, arch=arch)
+        check_same_run(resume_from.get("train_config") or {}, to_jsonable(cfg))
     elif ckpt_path.exists() and not cfg.overwrite:
         fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
     device = init_distributed(cfg.device)
@@ -981,16 +1075,28 @@ def run_training(
             pin_memory=device.type == "cuda",
             rank=rank(),
             world_size=world_size(),
+            unroll=cfg.unroll,
         )
+        steps_per_epoch = len(train_loader.batch_sampler)
+        epochs = epochs_for(cfg, steps_per_epoch)
+        warn_if_short(epochs * steps_per_epoch, steps_per_epoch, epochs)
+        if resume_from and (resume_from.get("data_meta") or {}).get("transitions", len(data)) != len(data):
+            fail(
+                f"--resume: the run trained on {resume_from['data_meta']['transitions']} transitions but {cfg.data} now holds "
+                f"{len(data)}; resume on the same data or start a new run"
+            )
         model = build_model(resume_from["model_config"] if resume_from else None, data)
         check_data_fits_model(model.model_config(), data, "the checkpoint's model")
+        if getattr(model, "can_collapse", False) and cfg.batch_size < 2:
+            fail(f"--batch-size {cfg.batch_size}: a JEPA's VICReg terms are statistics over the batch and need at least 2 samples")
         if resume_from:
             model.load_state_dict(resume_from["model"])
         model.to(device)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(
             f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
-            f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val) | "
+            f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val"
+            f"{f' windows of {cfg.unroll} steps' if cfg.unroll > 1 else ''}) | "
             f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
         )
         train_config = to_jsonable(cfg)
@@ -1009,7 +1115,7 @@ def run_training(
             write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})
         data_meta = dict(data.meta, path=str(cfg.data), transitions=len(data), frame_shape=list(data.frame_shape))
         settings = FitSettings(
-            epochs=cfg.epochs,
+            epochs=epochs,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             grad_clip=cfg.grad_clip,
@@ -1030,7 +1136,6 @@ def run_training(
             device=device,
             settings=settings,
             checkpoint_info=info,
-            term_names=term_names,
             resume_from=resume_from,
         )
         say(f"Saved {ckpt_path}, {out / 'metrics.csv'}, {out / 'loss.png'}")

@@ -1,14 +1,24 @@
-"""The small CNN JEPA world model of seed 003.
+"""The small CNN JEPA world model of seed 003, trained on windows of K steps.
 
-    z_t        = encode(obs_t)                    online CNN encoder, trained
-    z_t+1^pred = predict(z_t, action_t)           MLP on [z_t, embed(action_t)]
-    z_t+1^tgt  = encode_target(obs_t+1)           EMA copy of the encoder, no gradients
-    loss       = MSE(normalize(z_pred), normalize(z_tgt))      (seed 003, `reg="none"`)
-               + std_coeff * VICReg variance(z_t) + cov_coeff * VICReg covariance(z_t)  (`reg="vicreg"`)
+    z_t          = encode(obs_t)                        online CNN encoder, trained
+    z^_t+k       = predict(z^_t+k-1, action_t+k-1)      MLP on [z, embed(action)], z^_t = z_t,
+                                                        fed its own output K times (K=1: seed 003)
+    z_t+k^tgt    = encode_target(obs_t+k)               EMA copy of the encoder, no gradients
+                                                        (target="online": the online encoder, detached)
+    loss = sim_coeff * mean_k MSE(normalize(z^_t+k), normalize(z_t+k^tgt))        (seed 003: reg="none", K=1)
+         + std_coeff * VICReg variance + cov_coeff * VICReg covariance          (reg="vicreg"; on z_t, or
+                                                                                 on every step: vc_all_steps)
+         + idm_coeff * inverse dynamics (z_t+k, z_t+k+1) -> action_t+k
+         + smooth_coeff * mean ||z_t+k+1 - z_t+k||^2
 
 With `reg="none"` nothing stops the encoder from mapping every frame to one point, where the
 loss is ~0: seed 003's own log shows exactly that. The VICReg terms on the online latents keep
-every dimension spread out and decorrelated.
+every dimension spread out and decorrelated. One-step training predicts one step well and
+drifts past chance within a few open-loop steps; the K-step unroll trains the predictor on its
+own outputs, and the inverse-dynamics term keeps in the latent what the actions change.
+
+The config's defaults are seed 003's model (and what checkpoints saved before a field existed
+were trained with); train_jepa.py's flags carry the recommended values.
 """
 
 import copy
@@ -16,18 +26,23 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from wm_common import (
     action_embedding,
     ema_update,
+    flat_steps,
     frames_to_float,
     gather_batch,
+    inverse_dynamics_head,
+    inverse_dynamics_loss,
     latent_rollout,
     normalized_mse,
+    smoothness_loss,
     vicreg_cov_loss,
     vicreg_std_loss,
 )
+
+TARGETS = ("ema", "online")
 
 
 @dataclass
@@ -45,13 +60,17 @@ class JEPAConfig:
     sim_coeff: float = 1.0
     std_coeff: float = 1.0
     cov_coeff: float = 0.04
-    idm_coeff: float = 0.0  # > 0 adds an inverse-dynamics head: (z_t, z_t+1) -> a_t (discrete actions)
+    idm_coeff: float = 0.0  # > 0 adds an inverse-dynamics head: (z_t, z_t+1) -> a_t
+    smooth_coeff: float = 0.0  # temporal smoothness of consecutive online latents
+    target: str = "ema"  # "ema": EMA target encoder (seed 003); "online": the online encoder, stop-gradient
+    vc_all_steps: bool = False  # VICReg terms on the latents of every frame of the window, not only obs_t
+    residual: bool = False  # the predictor outputs z + delta (copying is where it starts)
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
             raise ValueError(f"reg must be 'none' or 'vicreg', got {self.reg!r}")
-        if self.idm_coeff > 0 and self.continuous_actions:
-            raise ValueError("the inverse-dynamics head classifies discrete actions; continuous actions need idm_coeff 0")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
 
 class CNNEncoder(nn.Module):
@@ -81,8 +100,18 @@ class CNNEncoder(nn.Module):
 class LatentPredictor(nn.Module):
     """(z_t, action) -> z_t+1: an MLP on the latent concatenated with the action embedding."""
 
-    def __init__(self, *, latent_dim: int, num_actions: int, action_emb_dim: int, hidden_dim: int, continuous_actions: bool = False):
+    def __init__(
+        self,
+        *,
+        latent_dim: int,
+        num_actions: int,
+        action_emb_dim: int,
+        hidden_dim: int,
+        continuous_actions: bool = False,
+        residual: bool = False,
+    ):
         super().__init__()
+        self.residual = residual
         self.action_emb = action_embedding(num_actions=num_actions, dim=action_emb_dim, continuous=continuous_actions)
         self.net = nn.Sequential(
             nn.Linear(latent_dim + action_emb_dim, hidden_dim),
@@ -91,10 +120,15 @@ class LatentPredictor(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden_dim, latent_dim),
         )
+        if residual:
+            # start as the copy baseline: the net learns only what an action changes
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         # z: [B,D], action: [B] int64 -> [B,D]
-        return self.net(torch.cat([z, self.action_emb(action)], dim=-1))
+        delta = self.net(torch.cat([z, self.action_emb(action)], dim=-1))
+        return z + delta if self.residual else delta
 
 
 class JEPAWorldModel(nn.Module):
@@ -112,15 +146,11 @@ class JEPAWorldModel(nn.Module):
             action_emb_dim=config.action_emb_dim,
             continuous_actions=config.continuous_actions,
             hidden_dim=config.predictor_hidden_dim,
+            residual=config.residual,
         )
-
         if config.idm_coeff > 0:
-            # Which action led from z_t to z_t+1? Latents that answer it must encode what actions
-            # change (the agent's cell and heading), which a plain JEPA loss does not force.
-            self.inverse = nn.Sequential(
-                nn.Linear(2 * config.latent_dim, config.predictor_hidden_dim),
-                nn.ReLU(),
-                nn.Linear(config.predictor_hidden_dim, config.num_actions),
+            self.inverse = inverse_dynamics_head(
+                latent_dim=config.latent_dim, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions
             )
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
@@ -129,8 +159,10 @@ class JEPAWorldModel(nn.Module):
 
     @torch.no_grad()
     def encode_target(self, obs: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B,H,W,C] -> EMA target latents [B,D] (the space predictions aim at)."""
-        return self.target_encoder(frames_to_float(obs, self.config.pixel_scale))
+        """uint8 frames [B,H,W,C] -> target latents [B,D] (the space predictions aim at): the EMA
+        encoder's, or with target="online" the online encoder's."""
+        encoder = self.encoder if self.config.target == "online" else self.target_encoder
+        return encoder(frames_to_float(obs, self.config.pixel_scale))
 
     def predict(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.predictor(z, action)
@@ -139,31 +171,43 @@ class JEPAWorldModel(nn.Module):
         """Open-loop: z [B,D], actions [B,T] -> predicted latents [B,T,D] for steps 1..T."""
         return latent_rollout(self.predict, z, actions)
 
-    def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """frames uint8 [B,K+1,H,W,C] (obs_t..obs_t+K), actions [B,K] (or [B,K,A]) -> (loss, terms)."""
         cfg = self.config
-        z = self.encode(obs)
-        z_pred = self.predict(z, action)
-        z_target = self.encode_target(next_obs)
-        pred_loss = normalized_mse(z_pred, z_target)
-        z_all = gather_batch(z)  # [B,D], or the global batch [B*N,D] across N DDP processes
+        every_frame = cfg.target == "online" or cfg.idm_coeff > 0 or cfg.smooth_coeff > 0 or cfg.vc_all_steps
+        # online latents [B,K+1,D] of every frame when a term needs them, else [B,1,D] of obs_t
+        z = flat_steps(self.encode, frames if every_frame else frames[:, :1])
+        if cfg.target == "ema":
+            z_target = flat_steps(self.encode_target, frames[:, 1:])  # [B,K,D]
+        else:
+            z_target = z[:, 1:].detach()
+        z_pred = self.rollout(z[:, 0], actions)  # [B,K,D], each step from the previous prediction
+        pred_loss = normalized_mse(z_pred, z_target)  # the mean over the K steps
+        # [B(K+1),D] or [B,D], or the global batch across DDP processes
+        z_all = gather_batch((z if cfg.vc_all_steps else z[:, :1]).flatten(0, 1))
         std_loss, cov_loss = vicreg_std_loss(z_all), vicreg_cov_loss(z_all)
         loss = cfg.sim_coeff * pred_loss
         if cfg.reg == "vicreg":
             loss = loss + cfg.std_coeff * std_loss + cfg.cov_coeff * cov_loss
+        # The VICReg terms are logged under reg="none" too: there they show the collapse.
         terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
         if cfg.idm_coeff > 0:
-            logits = self.inverse(torch.cat([z, self.encode(next_obs)], dim=-1))  # [B,A]
-            idm_loss = F.cross_entropy(logits, action)
+            idm_loss = inverse_dynamics_loss(self.inverse, z, actions, cfg.continuous_actions)
             loss = loss + cfg.idm_coeff * idm_loss
             terms["idm_loss"] = idm_loss.detach()
-        # The VICReg terms are logged under reg="none" too: there they show the collapse.
+        if cfg.smooth_coeff > 0:
+            smooth = smoothness_loss(z)
+            loss = loss + cfg.smooth_coeff * smooth
+            terms["smooth_loss"] = smooth.detach()
         return loss, terms
+
+    def term_names(self) -> list[str]:
+        """The loss terms `loss` reports, in the order metrics.csv logs them."""
+        c = self.config
+        return ["pred_loss", "std_loss", "cov_loss"] + ["idm_loss"] * (c.idm_coeff > 0) + ["smooth_loss"] * (c.smooth_coeff > 0)
 
     def update_target(self) -> None:
         ema_update(self.target_encoder, self.encoder, self.config.ema_decay)
 
     def model_config(self) -> dict:
         return asdict(self.config)
-
-
-LOSS_TERMS = ["pred_loss", "std_loss", "cov_loss"]

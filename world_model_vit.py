@@ -9,10 +9,18 @@ ViT JEPA, two arrangements (`arrangement`):
     loss = sim_coeff * MSE(pred, target)
          + std_coeff * VICReg variance + cov_coeff * VICReg covariance,
            both on the online embeddings of s_t and s_t+1.
+    On windows of K steps the predictor is fed its own output K times with the MSE on every
+    step, and the VICReg terms cover every frame of the window. Optional, as for the CNN JEPA:
+    inverse dynamics, temporal smoothness, the online encoder (stop-gradient) as the target of
+    the "common" arrangement, a residual predictor.
 
 Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
-queries carry the embedded action cross-attends to them and outputs each patch of s_t+1;
-loss = MSE in pixels.
+queries carry the embedded action cross-attends to them and outputs each patch of s_t+1
+(`residual`: the change from s_t, so the static board is free and the capacity goes to what
+moves); loss = MSE in pixels, on K steps each fed the previous predicted frame.
+
+The configs' defaults are seed 000's models (and what older checkpoints were trained with);
+the trainers' flags carry the recommended values.
 """
 
 import copy
@@ -22,7 +30,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import action_embedding, ema_update, frames_to_float, gather_batch, latent_rollout, vicreg_cov_loss, vicreg_std_loss
+from wm_common import (
+    action_embedding,
+    ema_update,
+    flat_steps,
+    frames_to_float,
+    gather_batch,
+    inverse_dynamics_head,
+    inverse_dynamics_loss,
+    latent_rollout,
+    smoothness_loss,
+    vicreg_cov_loss,
+    vicreg_std_loss,
+)
 from wm_common import fail as raise_user
 
 
@@ -60,6 +80,10 @@ class ViTJEPAConfig(ViTConfig):
     vicreg_sim_coeff: float = 25.0
     vicreg_std_coeff: float = 25.0
     vicreg_cov_coeff: float = 1.0
+    idm_coeff: float = 0.0
+    smooth_coeff: float = 0.0
+    target: str = "ema"  # "common" arrangement: "ema" target encoder or "online" (stop-gradient)
+    residual: bool = False  # the predictor outputs z + delta
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,12 +91,17 @@ class ViTJEPAConfig(ViTConfig):
             raise ValueError(f"predictor must be 'mlp' or 'transformer', got {self.predictor!r}")
         if self.arrangement not in ("seed", "common"):
             raise ValueError(f"arrangement must be 'seed' or 'common', got {self.arrangement!r}")
+        if self.target not in ("ema", "online"):
+            raise ValueError(f"target must be 'ema' or 'online', got {self.target!r}")
+        if self.target == "online" and self.arrangement == "seed":
+            raise ValueError("target 'online' is for arrangement 'common' (in 'seed' the EMA encoder encodes s_t)")
 
 
 @dataclass
 class EncDecConfig(ViTConfig):
     decoder_dim: int = 128
     num_decoder_layers: int = 2
+    residual: bool = False  # decode the change from s_t instead of the whole frame
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -177,6 +206,12 @@ class ViTJEPA(nn.Module):
             self.predictor = TransformerPredictor(
                 latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
             )
+        if c.residual:
+            last = self.predictor.net[-1] if c.predictor == "mlp" else self.predictor.out
+            nn.init.zeros_(last.weight)  # start as the copy baseline
+            nn.init.zeros_(last.bias)
+        if c.idm_coeff > 0:
+            self.inverse = inverse_dynamics_head(latent_dim=c.latent_dim, hidden_dim=c.jepa_predictor_hidden_dim, num_actions=c.num_actions)
 
     def _online(self, obs: torch.Tensor) -> torch.Tensor:
         return self.encoder(frames_to_float(obs, self.config.pixel_scale))[0]
@@ -191,28 +226,49 @@ class ViTJEPA(nn.Module):
 
     def encode_target(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 [B,H,W,C] -> the latents the predictor aims at [B,D]."""
-        return self._online(obs) if self.config.arrangement == "seed" else self._ema(obs)
+        if self.config.arrangement == "seed":
+            return self._online(obs)
+        if self.config.target == "online":
+            return self._online(obs).detach()
+        return self._ema(obs)
 
     def predict(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.predictor(z, self.action_emb(action))
+        out = self.predictor(z, self.action_emb(action))
+        return z + out if self.config.residual else out
 
     def rollout(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z [B,D], actions [B,T] -> predicted latents [B,T,D]."""
         return latent_rollout(self.predict, z, actions)
 
-    def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """frames uint8 [B,K+1,H,W,C], actions [B,K] (or [B,K,A]) -> (loss, terms)."""
         c = self.config
-        online_t, online_t1 = self._online(obs), self._online(next_obs)
+        online = flat_steps(self._online, frames)  # [B,K+1,D]
         if c.arrangement == "seed":
-            pred, target = self.predict(self._ema(obs), action), online_t1
+            start, target = self._ema(frames[:, 0]), online[:, 1:]
         else:
-            pred, target = self.predict(online_t, action), self._ema(next_obs)
-        pred_loss = F.mse_loss(pred, target)
-        all_t, all_t1 = gather_batch(online_t), gather_batch(online_t1)  # global batch under DDP
-        std_loss = (vicreg_std_loss(all_t) + vicreg_std_loss(all_t1)) / 2
-        cov_loss = vicreg_cov_loss(all_t) + vicreg_cov_loss(all_t1)
+            start = online[:, 0]
+            target = flat_steps(self._ema, frames[:, 1:]) if c.target == "ema" else online[:, 1:].detach()
+        pred_loss = F.mse_loss(self.rollout(start, actions), target)  # mean over the K steps
+        per_frame = [gather_batch(online[:, t]) for t in range(online.shape[1])]  # global batch under DDP
+        std_loss = torch.stack([vicreg_std_loss(z) for z in per_frame]).mean()
+        # seed 000 sums the covariance over its two frames: twice the mean over the window's frames
+        cov_loss = 2 * torch.stack([vicreg_cov_loss(z) for z in per_frame]).mean()
         loss = c.vicreg_sim_coeff * pred_loss + c.vicreg_std_coeff * std_loss + c.vicreg_cov_coeff * cov_loss
-        return loss, {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
+        terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
+        if c.idm_coeff > 0:
+            idm_loss = inverse_dynamics_loss(self.inverse, online, actions, c.continuous_actions)
+            loss = loss + c.idm_coeff * idm_loss
+            terms["idm_loss"] = idm_loss.detach()
+        if c.smooth_coeff > 0:
+            smooth = smoothness_loss(online)
+            loss = loss + c.smooth_coeff * smooth
+            terms["smooth_loss"] = smooth.detach()
+        return loss, terms
+
+    def term_names(self) -> list[str]:
+        c = self.config
+        return ["pred_loss", "std_loss", "cov_loss"] + ["idm_loss"] * (c.idm_coeff > 0) + ["smooth_loss"] * (c.smooth_coeff > 0)
 
     def update_target(self) -> None:
         ema_update(self.target_encoder, self.encoder, self.config.ema_decay)
@@ -239,22 +295,31 @@ class ViTEncoderDecoder(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, c.num_decoder_layers)
         self.norm = nn.LayerNorm(c.decoder_dim)
         self.to_pixels = nn.Linear(c.decoder_dim, c.patch_size * c.patch_size * c.input_channels)
+        if c.residual:
+            nn.init.zeros_(self.to_pixels.weight)  # start as copying s_t
+            nn.init.zeros_(self.to_pixels.bias)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 [B,H,W,C] -> pooled latent [B,D] (for probes and collapse checks)."""
         return self.encoder(frames_to_float(obs, self.config.pixel_scale))[0]
 
     def decode(self, tokens: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B,N,D] and actions [B] -> next frame [B,C,H,W] in [0,1]."""
+        """Patch tokens [B,N,D] and actions [B] -> the decoder's output [B,C,H,W]: the next frame
+        in [0,1], or with `residual` the change from the current one."""
         c = self.config
         queries = self.queries + self.action_to_decoder(self.action_emb(action))[:, None]  # [B,N,Dd]
-        out = self.norm(self.decoder(queries, self.memory_proj(tokens)))
-        return torch.sigmoid(unpatchify(self.to_pixels(out), c.patch_size, c.input_channels))
+        out = unpatchify(self.to_pixels(self.norm(self.decoder(queries, self.memory_proj(tokens)))), c.patch_size, c.input_channels)
+        return out if c.residual else torch.sigmoid(out)
 
     def step_frames(self, frames: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """float frames [B,C,H,W] in [0,1] and actions -> predicted next frames, the same format
         (so a prediction can be fed back)."""
-        return self.decode(self.encoder(frames)[1], action)
+        out = self.decode(self.encoder(frames)[1], action)
+        if not self.config.residual:
+            return out
+        x = frames + out
+        # clamped to [0,1] with a straight-through gradient, so pixels pushed past the range still learn
+        return x + (x.clamp(0, 1) - x).detach()
 
     def predict_frame(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """uint8 [B,H,W,C] frames and actions [B] -> predicted next frames, float [B,C,H,W] in [0,1]."""
@@ -269,10 +334,14 @@ class ViTEncoderDecoder(nn.Module):
             out.append(x)
         return torch.stack(out, dim=1)
 
-    def loss(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pred = self.predict_frame(obs, action)
-        recon = F.mse_loss(pred, frames_to_float(next_obs, self.config.pixel_scale))
+    def loss(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """frames uint8 [B,K+1,H,W,C], actions [B,K] -> pixel MSE over the K open-loop steps."""
+        pred = self.rollout_frames(frames[:, 0], actions)  # [B,K,C,H,W]
+        recon = F.mse_loss(pred, flat_steps(lambda f: frames_to_float(f, self.config.pixel_scale), frames[:, 1:]))
         return recon, {"recon_loss": recon.detach()}
+
+    def term_names(self) -> list[str]:
+        return ["recon_loss"]
 
     def model_config(self) -> dict:
         return asdict(self.config)

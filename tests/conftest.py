@@ -103,3 +103,8 @@ def tiny_arrays(tiny_npz) -> dict[str, np.ndarray]:
 def valid_arrays(tiny_arrays) -> dict[str, np.ndarray]:
     """A fresh, mutable copy of the tiny dataset's arrays, for building bad files."""
     return {k: v.copy() for k, v in tiny_arrays.items()}
+
+
+def one_step(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of transitions as the 1-step windows models train on: frames [B,2,...], actions [B,1,...]."""
+    return torch.stack([obs, next_obs], dim=1), action[:, None]

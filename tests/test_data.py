@@ -329,10 +329,20 @@ def test_make_loaders_batches(tiny_npz):
     batches = list(train)
     assert len(batches) == len(train_idx) // 16
     for b in batches:
-        assert b["obs"].shape == (16, 32, 32, 3) and b["obs"].dtype == torch.uint8
-        assert b["next_obs"].dtype == torch.uint8 and b["action"].dtype == torch.int64
-    seen = sum(len(b["obs"]) for b in val)
+        assert b["frames"].shape == (16, 2, 32, 32, 3) and b["frames"].dtype == torch.uint8
+        assert b["actions"].shape == (16, 1) and b["actions"].dtype == torch.int64
+    seen = sum(len(b["frames"]) for b in val)
     assert seen == len(val_idx)
+
+
+def test_val_batches_never_leave_one_transition_alone():
+    """A lone last validation transition would make batch statistics (VICReg's variance) NaN:
+    it joins the batch before it."""
+    for n in (17, 33, 49):
+        s = EpochBatchSampler(np.arange(n), 16, shuffle=False, seed=0, drop_last=False)
+        sizes = [len(b) for b in s]
+        assert sum(sizes) == n and min(sizes) >= 2 and len(s) == len(sizes)
+    assert [len(b) for b in EpochBatchSampler(np.arange(18), 16, shuffle=False, seed=0, drop_last=False)] == [16, 2]
 
 
 def test_make_loaders_train_split_smaller_than_batch_is_user_error(tiny_npz):

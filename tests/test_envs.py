@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, THREADS, assert_one_line_error, collect, load_npz, ok, run, write_npz
+from conftest import ROOT, THREADS, assert_one_line_error, collect, load_npz, ok, one_step, run, write_npz
 from torch import nn
 
 from collect_minigrid_data import to_frames
@@ -320,7 +320,7 @@ def test_continuous_models_take_action_vectors_and_depend_on_them(kind):
     assert not torch.allclose(out1, out2)
     assert (out1 - out2).abs().flatten(1).amax(1).min() > 0  # every sample's output moves with its action
     model.train()
-    loss, _ = model.loss(obs, a1, nxt)
+    loss, _ = model.loss(*one_step(obs, a1, nxt))
     assert torch.isfinite(loss)
     loss.backward()
     emb = model.predictor.action_emb if kind == "jepa_cnn" else model.action_emb

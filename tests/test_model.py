@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import one_step
 
 from wm_common import normalized_mse, vicreg_cov_loss, vicreg_std_loss
 from world_model_jepa import JEPAConfig, JEPAWorldModel
@@ -33,7 +34,7 @@ def test_shapes(shape):
     # rollout step 1 is predict, step 2 is predict of step 1
     torch.testing.assert_close(traj[:, 0], model.predict(z, actions[:, 0]))
     torch.testing.assert_close(traj[:, 1], model.predict(traj[:, 0], actions[:, 1]))
-    loss, terms = model.loss(obs, action, frames(b, shape, seed=1, high=11 if shape[0] == 7 else 256))
+    loss, terms = model.loss(*one_step(obs, action, frames(b, shape, seed=1, high=11 if shape[0] == 7 else 256)))
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert set(terms) == {"pred_loss", "std_loss", "cov_loss"}
 
@@ -52,7 +53,7 @@ def test_target_encoder_gets_no_gradient():
     assert all(not p.requires_grad for p in model.target_encoder.parameters())
     assert all(p.requires_grad for p in model.encoder.parameters())
     obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
-    loss, _ = model.loss(obs, torch.randint(0, 7, (8,)), nxt)
+    loss, _ = model.loss(*one_step(obs, torch.randint(0, 7, (8,)), nxt))
     loss.backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     assert all(p.grad is not None for p in model.encoder.parameters())
@@ -80,7 +81,7 @@ def test_reg_none_loss_is_normalized_mse_exactly():
     model = make_model(reg="none")
     obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
     action = torch.randint(0, 7, (8,))
-    loss, terms = model.loss(obs, action, nxt)
+    loss, terms = model.loss(*one_step(obs, action, nxt))
     expected = normalized_mse(model.predict(model.encode(obs), action), model.encode_target(nxt))
     assert torch.equal(loss, expected)
     assert torch.equal(terms["pred_loss"], expected.detach())
@@ -91,7 +92,7 @@ def test_reg_vicreg_adds_std_and_cov_with_coefficients():
     model = make_model(reg="vicreg", **cfg)
     obs, nxt = frames(8, (32, 32, 3)), frames(8, (32, 32, 3), seed=1)
     action = torch.randint(0, 7, (8,))
-    loss, terms = model.loss(obs, action, nxt)
+    loss, terms = model.loss(*one_step(obs, action, nxt))
     z = model.encode(obs)
     pred = normalized_mse(model.predict(z, action), model.encode_target(nxt))
     std, cov = vicreg_std_loss(z), vicreg_cov_loss(z)
@@ -123,7 +124,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(reg):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        loss, _ = model.loss(obs, action, nxt)
+        loss, _ = model.loss(*one_step(obs, action, nxt))
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -193,16 +194,14 @@ def test_inverse_dynamics_head_is_off_by_default_and_learns_the_action_when_on()
         r, c = i % 16, i % 8
         obs[i, r, c] = 255
         nxt[i, r, c + int(action[i]) + 1] = 255
-    loss, terms = model.loss(obs, action, nxt)
+    loss, terms = model.loss(*one_step(obs, action, nxt))
     assert set(terms) == {"pred_loss", "std_loss", "cov_loss", "idm_loss"}
     first = float(terms["idm_loss"])
     assert first == pytest.approx(float(torch.log(torch.tensor(3.0))), abs=0.3)  # chance at init
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):
-        loss, terms = model.loss(obs, action, nxt)
+        loss, terms = model.loss(*one_step(obs, action, nxt))
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert float(terms["idm_loss"]) < 0.2 * first
-    with pytest.raises(ValueError, match="discrete"):
-        JEPAConfig(continuous_actions=True, num_actions=2, idm_coeff=1.0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import collect, run
+from conftest import collect, one_step, run
 
 from wm_common import UserError
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig, patchify, unpatchify
@@ -49,7 +49,7 @@ def test_ema_target_gets_no_gradient_and_loss_terms(arrangement, predictor):
         config=ViTJEPAConfig(image_size=32, patch_size=8, latent_dim=32, mlp_dim=32, arrangement=arrangement, predictor=predictor)
     )
     obs, nxt, act = frames(8, 32), frames(8, 32).flip(0), torch.randint(0, 7, (8,))
-    loss, terms = model.loss(obs, act, nxt)
+    loss, terms = model.loss(*one_step(obs, act, nxt))
     loss.backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     assert all(not p.requires_grad for p in model.target_encoder.parameters())
@@ -98,7 +98,7 @@ def test_encdec_output_shape_range_and_learning(vit_data):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        loss, terms = model.loss(obs, act, nxt)
+        loss, terms = model.loss(*one_step(obs, act, nxt))
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
