@@ -28,19 +28,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "one-step (--unroll 1)": {"unroll": 1},
     "no inverse dynamics (--idm-coeff 0)": {"idm_coeff": 0.0},
     "no VICReg (--reg none)": {"reg": "none"},
-    "VICReg on obs_t only (--no-vc-all-steps)": {"vc_all_steps": False},
+    "VICReg on every frame (--vc-all-steps)": {"vc_all_steps": True},
     "plain predictor (--no-residual)": {"residual": False},
     "online target, stop-gradient (--target online)": {"target": "online"},
     "with smoothness (--smooth-coeff 0.1)": {"smooth_coeff": 0.1},
-    "seed 003 (--unroll 1 --reg none --idm-coeff 0 --no-residual --no-vc-all-steps)": {
+    "unit-vector prediction loss (--pred-loss normalized)": {"pred_loss": "normalized"},
+    "seed 003 (--unroll 1 --reg none --idm-coeff 0 --no-residual --pred-loss normalized)": {
+        "pred_loss": "normalized",
         "unroll": 1,
         "reg": "none",
         "idm_coeff": 0.0,
         "residual": False,
-        "vc_all_steps": False,
     },
 }
 REPORT_HORIZONS = (1, 5, 10)
+MARKERS = ("<!-- ablation table: start -->", "<!-- ablation table: end -->")
 PROBE_HORIZONS = (1, 5)
 
 
@@ -56,6 +58,7 @@ class AblationConfig:
     )
     config: str = field(default="", metadata={"help": "YAML of train_jepa.py keys shared by every run (e.g. config.yaml for --arch vit)"})
     device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
+    readme: str = field(default="", metadata={"help": f"also put the table into this markdown file, between {MARKERS[0]} and {MARKERS[1]}"})
 
 
 def slug(name: str) -> str:
@@ -145,6 +148,15 @@ def table(results: dict[str, list[dict[str, Any]]], cfg: AblationConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_between_markers(path: Path, text: str) -> None:
+    doc = path.read_text()
+    start, end = doc.find(MARKERS[0]), doc.find(MARKERS[1])
+    if start < 0 or end < start:
+        fail(f"{path} has no {MARKERS[0]} ... {MARKERS[1]} block to put the table in")
+    new = doc[: start + len(MARKERS[0])] + "\n" + text + doc[end:]
+    atomic_write(path, lambda p: p.write_text(new))
+
+
 def main(cfg: AblationConfig) -> dict[str, Any]:
     names = cfg.variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -156,6 +168,8 @@ def main(cfg: AblationConfig) -> dict[str, Any]:
         fail("give at least one --seeds value")
     for s in cfg.seeds:
         check_seed(s)
+    if cfg.readme and (not Path(cfg.readme).is_file() or MARKERS[0] not in Path(cfg.readme).read_text()):
+        fail(f"{cfg.readme} has no {MARKERS[0]} line to put the table after")
     if not Path(cfg.data).exists():
         fail(f"data {cfg.data} not found; run collect_minigrid_data.py first (make demo collects data/demo_empty8x8.npz)")
     out = check_writable_dir(cfg.out_dir, "--out-dir")
@@ -164,6 +178,8 @@ def main(cfg: AblationConfig) -> dict[str, Any]:
     write_json(out / "ablation.json", summary)
     text = table(results, cfg)
     atomic_write(out / "ablation.md", lambda p: p.write_text(text))
+    if cfg.readme:
+        replace_between_markers(Path(cfg.readme), text)
     print(text)
     return summary
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, fail, run_cli, run_training
-from world_model_jepa import TARGETS, JEPAConfig, JEPAWorldModel
+from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel
 from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
 
 # Loss weights when not given: the CNN's prediction loss is seed 003's normalised MSE (tiny
@@ -52,8 +52,14 @@ class TrainConfig(ViTArgs, RunConfig):
         },
     )
     vc_all_steps: bool = field(
-        default=True,
-        metadata={"help": "cnn: VICReg terms on every frame of the window (--no-vc-all-steps: obs_t only; the ViT always uses all)"},
+        default=False, metadata={"help": "cnn: VICReg terms on every frame of the window, not only obs_t (the ViT always uses all)"}
+    )
+    pred_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "cnn: mse of the raw latents (fixes their norm, so rollouts hold past the trained K); normalized = of unit vectors (seed 003)",
+            "choices": list(PRED_LOSSES),
+        },
     )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
@@ -108,6 +114,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         std_coeff=c["std"],
         cov_coeff=c["cov"],
         vc_all_steps=cfg.vc_all_steps,
+        pred_loss=cfg.pred_loss,
         **objective(cfg),
     )
 
@@ -140,10 +147,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         fail(f"--latent-dim must be at least 1, got {cfg.latent_dim}")
     if not 0 <= cfg.ema_decay <= 1:
         fail(f"--ema-decay must be between 0 and 1 (the target keeps this share of itself each step), got {cfg.ema_decay}")
-    for flag in ("idm_coeff", "smooth_coeff"):
-        value = getattr(cfg, flag)
+    for flag, value in (("idm_coeff", cfg.idm_coeff), ("smooth_coeff", cfg.smooth_coeff), *coeffs(cfg).items()):
+        name = f"--{flag.replace('_', '-')}" if flag.endswith("coeff") else f"--{flag}-coeff"
         if not (value >= 0 and math.isfinite(value)):
-            fail(f"--{flag.replace('_', '-')} must be a finite weight >= 0 (0: off), got {value}")
+            fail(f"{name} must be a finite weight >= 0 (0: off), got {value}")
+    if coeffs(cfg)["sim"] == 0:
+        fail("--sim-coeff 0 leaves the predictor untrained; the prediction loss needs a positive weight")
     if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":
         fail("--target online needs --arrangement common (in seed 000's arrangement the EMA encoder encodes s_t)")
     return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg))

@@ -3,13 +3,13 @@ atomic files, checkpoints, metrics, the JEPA losses and collapse diagnostics, an
 loop the trainers run."""
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -187,8 +187,20 @@ def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str], ignored:
     p = Path(path)
     if not p.is_file():
         fail(f"config file {path} not found")
+
+    class UniqueKeys(yaml.SafeLoader):
+        """PyYAML keeps the last of two equal keys without a word: a typo'd copy would win silently."""
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        keys = [loader.construct_object(k) for k, _ in node.value]
+        dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if dup is not None:
+            raise yaml.YAMLError(f"key '{dup}' is given twice")
+        return loader.construct_mapping(node)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=UniqueKeys) or {}
     except yaml.YAMLError as e:
         fail(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(raw, dict):
@@ -368,10 +380,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        fail(f"cannot write {printable(path)} ({write_error(e)}); the previous {path.name}, if any, is unchanged")
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_error(e: BaseException) -> str:
+    """Why a write failed, in a few words (a full disk says so)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return os.strerror(e.errno)
+    return " ".join(str(e).split())[:100] or type(e).__name__
+
+
+def printable(path: str | Path) -> str:
+    """A path as text that prints and renders anywhere: bytes that are not UTF-8 (kept by
+    Python as surrogates) become escapes instead of crashing a print or a plot title."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -564,15 +591,22 @@ class MetricsLog:
         if keep_until_step is not None and path.is_file():
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+
+        def rewrite(p: Path) -> None:
+            with p.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(path, rewrite)
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        try:
+            with self.path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        except OSError as e:
+            fail(f"cannot write {printable(self.path)} ({write_error(e)}); the run's checkpoint is kept, continue with --resume")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, str]]:
@@ -950,7 +984,8 @@ class RunConfig:
     config: str = dataclasses.field(default="", metadata={"help": "YAML file of these keys (seed 000 names accepted); flags override it"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out-dir from its checkpoint up to --epochs"})
     overwrite: bool = dataclasses.field(
-        default=False, metadata={"help": "replace an existing run in --out-dir (the old one is kept as <out-dir>.prev)"}
+        default=False,
+        metadata={"help": "replace an existing run in --out-dir (the old one is moved to <out-dir>.prev, or .prev2, ...: never deleted)"},
     )
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of episodes held out for validation"})
     log_every: int = dataclasses.field(default=100, metadata={"help": "print and log every this many batches"})
@@ -1000,6 +1035,24 @@ def warn_if_short(total_steps: int, steps_per_epoch: int, epochs: int) -> None:
         )
 
 
+def free_name(path: Path) -> Path:
+    """path, or path2, path3, ...: the first that does not exist (a backup never replaces anything)."""
+    n = 1
+    candidate = path
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}{n}")
+    return candidate
+
+
+def check_out_dir_apart_from_data(out: Path, data: str | Path) -> None:
+    """A run directory never holds, or sits inside, the dataset it trains on: --overwrite would
+    move the data aside with the old run."""
+    o, d = out.resolve(), Path(data).resolve()
+    if o == d or o in d.parents or d in o.parents and Path(data).is_dir():
+        fail(f"--out-dir {printable(out)} and --data {printable(data)} overlap; write the run to a directory of its own")
+
+
 # flags that may differ on --resume: how long, where and how fast, not what is trained
 RESUME_MAY_CHANGE = {"epochs", "steps", "resume", "overwrite", "log_every", "device", "num_workers", "save_every", "skip_nonfinite"}
 RESUME_MAY_CHANGE |= {"compile", "config", "out_dir"}
@@ -1021,7 +1074,36 @@ def check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
         fail(f"--resume: the run was trained with {', '.join(changed)}; resume with the same values, or start a new run with --out-dir")
 
 
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One training at a time per run directory. An flock on a file beside it: the kernel drops
+    it when the process ends, however it ends, so a killed run never leaves it stuck."""
+    import fcntl
+
+    lock_path = check_writable_dir(out.parent, "--out-dir's parent") / f".{out.name}.lock"
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another training is writing to {printable(out)} right now; wait for it to end or choose another --out-dir")
+        yield
+
+
 def run_training(
+    cfg: Any,
+    *,
+    arch: str,
+    build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
+) -> dict[str, Any]:
+    """Trains under the run directory's lock (rank 0 holds it for every process); see `_train_run`."""
+    check_out_dir_apart_from_data(Path(cfg.out_dir), cfg.data)
+    if rank() != 0:
+        return _train_run(cfg, arch=arch, build_model=build_model)
+    with run_lock(Path(cfg.out_dir)):
+        return _train_run(cfg, arch=arch, build_model=build_model)
+
+
+def _train_run(
     cfg: Any,
     *,
     arch: str,
@@ -1106,9 +1188,7 @@ def run_training(
             if ckpt_path.exists() and not cfg.resume:
                 # --overwrite: keep the earlier run whole beside the new one until the user deletes
                 # it, so a new run that fails never leaves a mix of old and new files.
-                backup = out.with_name(out.name + ".prev")
-                if backup.exists():
-                    shutil.rmtree(backup)
+                backup = free_name(out.with_name(out.name + ".prev"))
                 os.replace(out, backup)
                 say(f"Moved the earlier run in {out} to {backup}")
             check_writable_dir(out, "--out-dir")
@@ -1122,7 +1202,7 @@ def run_training(
             log_every=cfg.log_every,
             out_dir=out,
             resume=cfg.resume,
-            title=f"{arch} on {Path(cfg.data).name}",
+            title=f"{arch} on {printable(Path(cfg.data).name)}",
             compile=cfg.compile,
             amp=cfg.amp,
             save_every=cfg.save_every,

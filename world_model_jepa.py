@@ -8,7 +8,8 @@
     loss = sim_coeff * mean_k MSE(normalize(z^_t+k), normalize(z_t+k^tgt))        (seed 003: reg="none", K=1)
          + std_coeff * VICReg variance + cov_coeff * VICReg covariance          (reg="vicreg"; on z_t, or
                                                                                  on every step: vc_all_steps)
-         + idm_coeff * inverse dynamics (z_t+k, z_t+k+1) -> action_t+k
+         + idm_coeff * inverse dynamics (z_t+k, z_t+k+1) -> action_t+k   (every step when the online
+                                                                   latents of every frame are computed, else k=0)
          + smooth_coeff * mean ||z_t+k+1 - z_t+k||^2
 
 With `reg="none"` nothing stops the encoder from mapping every frame to one point, where the
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from wm_common import (
     action_embedding,
@@ -43,6 +45,7 @@ from wm_common import (
 )
 
 TARGETS = ("ema", "online")
+PRED_LOSSES = ("normalized", "mse")
 
 
 @dataclass
@@ -65,10 +68,13 @@ class JEPAConfig:
     target: str = "ema"  # "ema": EMA target encoder (seed 003); "online": the online encoder, stop-gradient
     vc_all_steps: bool = False  # VICReg terms on the latents of every frame of the window, not only obs_t
     residual: bool = False  # the predictor outputs z + delta (copying is where it starts)
+    pred_loss: str = "normalized"  # seed 003's MSE of unit vectors, or "mse" of the raw latents (norm included)
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
             raise ValueError(f"reg must be 'none' or 'vicreg', got {self.reg!r}")
+        if self.pred_loss not in PRED_LOSSES:
+            raise ValueError(f"pred_loss must be one of {PRED_LOSSES}, got {self.pred_loss!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
@@ -174,15 +180,15 @@ class JEPAWorldModel(nn.Module):
     def loss(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """frames uint8 [B,K+1,H,W,C] (obs_t..obs_t+K), actions [B,K] (or [B,K,A]) -> (loss, terms)."""
         cfg = self.config
-        every_frame = cfg.target == "online" or cfg.idm_coeff > 0 or cfg.smooth_coeff > 0 or cfg.vc_all_steps
-        # online latents [B,K+1,D] of every frame when a term needs them, else [B,1,D] of obs_t
-        z = flat_steps(self.encode, frames if every_frame else frames[:, :1])
-        if cfg.target == "ema":
-            z_target = flat_steps(self.encode_target, frames[:, 1:])  # [B,K,D]
-        else:
-            z_target = z[:, 1:].detach()
+        every_frame = cfg.smooth_coeff > 0 or cfg.vc_all_steps
+        # Online latents (with gradients, the costly part): [B,K+1,D] of every frame when a term
+        # needs them; else of obs_t and, for inverse dynamics, obs_t+1 ([B,2,D] or [B,1,D]).
+        # The targets need no backward pass, so a long unroll costs little beyond them.
+        z = flat_steps(self.encode, frames if every_frame else frames[:, : 2 if cfg.idm_coeff > 0 else 1])
+        z_target = flat_steps(self.encode_target, frames[:, 1:])  # [B,K,D], EMA or online, no gradients
         z_pred = self.rollout(z[:, 0], actions)  # [B,K,D], each step from the previous prediction
-        pred_loss = normalized_mse(z_pred, z_target)  # the mean over the K steps
+        # the mean over the K steps; "mse" also fixes the norm, which a fed-back prediction carries
+        pred_loss = normalized_mse(z_pred, z_target) if cfg.pred_loss == "normalized" else F.mse_loss(z_pred, z_target)
         # [B(K+1),D] or [B,D], or the global batch across DDP processes
         z_all = gather_batch((z if cfg.vc_all_steps else z[:, :1]).flatten(0, 1))
         std_loss, cov_loss = vicreg_std_loss(z_all), vicreg_cov_loss(z_all)
@@ -192,7 +198,7 @@ class JEPAWorldModel(nn.Module):
         # The VICReg terms are logged under reg="none" too: there they show the collapse.
         terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
         if cfg.idm_coeff > 0:
-            idm_loss = inverse_dynamics_loss(self.inverse, z, actions, cfg.continuous_actions)
+            idm_loss = inverse_dynamics_loss(self.inverse, z, actions[:, : z.shape[1] - 1], cfg.continuous_actions)
             loss = loss + cfg.idm_coeff * idm_loss
             terms["idm_loss"] = idm_loss.detach()
         if cfg.smooth_coeff > 0:

@@ -130,6 +130,22 @@ def test_k_step_loss_rolls_the_predictor_on_its_own_outputs():
     assert model.term_names() == ["pred_loss", "std_loss", "cov_loss", "idm_loss", "smooth_loss"]
 
 
+def test_mse_prediction_loss_compares_the_raw_latents_norm_included():
+    model = cnn(pred_loss="mse", reg="none", idm_coeff=1.0)
+    seq, actions = frames(5, 4, 16, 16, 3), torch.randint(0, 3, (5, 3))
+    loss, terms = model.loss(seq, actions)
+    preds = model.rollout(model.encode(seq[:, 0]), actions)
+    target = torch.stack([model.encode_target(seq[:, t]) for t in (1, 2, 3)], 1)
+    torch.testing.assert_close(terms["pred_loss"], torch.nn.functional.mse_loss(preds, target).detach(), rtol=1e-5, atol=1e-7)
+    # a prediction twice as long as its target is a loss here, not under the unit-vector loss
+    z = torch.randn(4, 16)
+    assert normalized_mse(2 * z, z) < 1e-12 < torch.nn.functional.mse_loss(2 * z, z)
+    # without a term that needs every frame, inverse dynamics reads the first step only
+    z01 = torch.stack([model.encode(seq[:, 0]), model.encode(seq[:, 1])], 1)
+    idm = torch.nn.functional.cross_entropy(model.inverse(torch.cat([z01[:, 0], z01[:, 1]], -1)), actions[:, 0])
+    torch.testing.assert_close(terms["idm_loss"], idm.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_residual_predictor_starts_as_the_copy_baseline():
     model = cnn(residual=True)
     z = torch.randn(5, 16)
@@ -162,8 +178,8 @@ def test_inverse_dynamics_on_continuous_actions_is_mse():
     model = JEPAWorldModel(config=JEPAConfig(obs_shape=[16, 16, 3], latent_dim=16, num_actions=2, continuous_actions=True, idm_coeff=1.0))
     seq, actions = frames(4, 3, 16, 16, 3), torch.rand(4, 2, 2)
     _, terms = model.loss(seq, actions)
-    z = torch.stack([model.encode(seq[:, t]) for t in range(3)], 1)
-    expected = torch.nn.functional.mse_loss(model.inverse(torch.cat([z[:, :-1], z[:, 1:]], -1)), actions)
+    z = torch.stack([model.encode(seq[:, t]) for t in range(2)], 1)  # the first step: no term needs every frame
+    expected = torch.nn.functional.mse_loss(model.inverse(torch.cat([z[:, :-1], z[:, 1:]], -1)), actions[:, :1])
     torch.testing.assert_close(terms["idm_loss"], expected.detach(), rtol=1e-5, atol=1e-6)
 
 
