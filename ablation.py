@@ -30,11 +30,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no VICReg (--reg none)": {"reg": "none"},
     "VICReg on every frame (--vc-all-steps)": {"vc_all_steps": True},
     "plain predictor (--no-residual)": {"residual": False},
-    "online target, stop-gradient (--target online)": {"target": "online"},
+    "EMA target encoder (--target ema)": {"target": "ema"},
     "with smoothness (--smooth-coeff 0.1)": {"smooth_coeff": 0.1},
     "unit-vector prediction loss (--pred-loss normalized)": {"pred_loss": "normalized"},
-    "seed 003 (--unroll 1 --reg none --idm-coeff 0 --no-residual --pred-loss normalized)": {
+    "seed 003 (--unroll 1 --reg none --idm-coeff 0 --no-residual --pred-loss normalized --target ema)": {
         "pred_loss": "normalized",
+        "target": "ema",
         "unroll": 1,
         "reg": "none",
         "idm_coeff": 0.0,
@@ -82,6 +83,7 @@ def train_and_inspect(cfg: AblationConfig, name: str, seed: int) -> dict[str, An
         if cfg.config
         else {}
     )
+    base.pop("epochs", None)  # the budget is --steps, the same for every variant
     flags = {**base, **VARIANTS[name]}
     train_cfg = train_jepa.TrainConfig(
         **flags, arch=cfg.arch, data=cfg.data, steps=cfg.steps, seed=seed, out_dir=str(run / "model"), device=cfg.device, overwrite=True

@@ -18,21 +18,48 @@ seeded by (seed, e), so any episode can be regenerated on its own (`--fixed-layo
 episode with `seed`: one layout, many starts and action sequences).
 """
 
+import collections
+import contextlib
 import datetime
+import errno
+import itertools
 import json
 import math
 import os
+import re
 import shutil
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from wm_common import Interrupted, StopRequest, atomic_write, check_seed, check_writable_dir, fail, run_cli, to_jsonable, write_json
+from wm_common import (
+    Interrupted,
+    StopRequest,
+    UserError,
+    atomic_write,
+    check_seed,
+    check_writable_dir,
+    fail,
+    run_cli,
+    to_jsonable,
+    write_json,
+)
 
 COLLECTOR_VERSION = 2
 NAV_ACTIONS = (0, 1, 2)  # MiniGrid's left, right, forward
 DEFAULT_STEP_CAP = 1000  # steps per episode for envs without a time limit of their own
+# The models here take 32-128 px frames. A 1024 px RGB frame is 3 MB, so a 256-step MiniGrid
+# episode, which stays in RAM until it ends, is already 0.8 GB; beyond that RAM runs out first.
+MAX_IMAGE_SIZE = 1024
+# An episode's frames stay in RAM until it ends (shards are cut between episodes): a --max-steps
+# whose episode would outgrow this is refused (only reachable on envs with no limit of their own).
+MAX_EPISODE_BYTES = 4e9
+# Each --num-envs worker is a whole Python process with torch and the env (~0.3 GB); past one per
+# core they only share the cores, so beyond a few per core they buy nothing and exhaust RAM.
+WORKERS_PER_CORE = 4
 
 
 @dataclass
@@ -71,6 +98,7 @@ class CollectConfig:
     resume: bool = field(
         default=False, metadata={"help": "continue an interrupted collection into --out (same flags) from its saved shards"}
     )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing dataset at --out (only once the new one is complete)"})
     shard_mb: float = field(
         default=256.0, metadata={"help": "RAM cap: once this many MB of episodes are buffered they go to a shard on disk"}
     )
@@ -363,16 +391,79 @@ def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.
     return out
 
 
-def _swap_into_place(out: Path, fill) -> None:
+# ----------------------------------------------------------------------------- writing
+# Every write goes to a temp name next to its target and is renamed into place once complete, so
+# a failed or killed run never leaves a half dataset where a good one was. Temp names carry the
+# writer's pid: `.<name>.tmp<pid><suffix>` for files (wm_common.atomic_write's naming),
+# `.<name>.tmp<pid>` for directories being built and `.<name>.old<pid>` for the directory they
+# replace. A SIGKILL leaves them behind; the next run writing the same target removes them.
+
+
+def odd_path(path: Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a directory (a FIFO, a
+    socket, a device, a symlink loop, a dangling symlink); None for a file, a directory or nothing.
+    Such paths must be named as what they are: is_file() and is_dir() both say False, which reads
+    as "not found", and opening a FIFO to read it blocks forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling symlink" if path.is_symlink() else None  # absent, or a parent is not a directory
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+@contextlib.contextmanager
+def writing(path: Path, then: str) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a quota, a read-only or vanished directory)
+    becomes one line naming the path, the problem and `then` (what is kept, what to do). The
+    writers below have removed their temp files by the time it gets here."""
+    try:
+        yield
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}; the previous {path.name}, if any, is unchanged); {then}")
+    except UserError as e:  # wm_common's writers word their own failures: add what to do next
+        fail(f"{e}; {then}")
+
+
+def _save_npy(path: Path, value: np.ndarray) -> None:
+    np.save(path, value)
+
+
+def _reserve(path: Path) -> None:
+    """Allocates the whole of a freshly created memmap file now: open_memmap makes a sparse file,
+    and writing through the map into a full disk kills the process with SIGBUS instead of raising
+    ENOSPC where it can be answered."""
+    if hasattr(os, "posix_fallocate"):
+        with path.open("r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
+def _swap_into_place(out: Path, fill: Callable[[Path], None]) -> None:
     """Builds a directory next to `out` with `fill(tmp_dir)` and renames it into place; an older
-    directory is replaced only once the new one is complete."""
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
+    directory is moved aside only once the new one is complete, and deleted after. On any error
+    the temp directory is removed and `out` is left as it was."""
+    tmp, old = out.with_name(f".{out.name}.tmp{os.getpid()}"), out.with_name(f".{out.name}.old{os.getpid()}")
+    moved = False
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own pid: a leftover of no running writer
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if os.path.lexists(out):
+            out.rename(old)
+            moved = True
+        tmp.rename(out)
+    except BaseException:
+        if moved and not os.path.lexists(out):
+            old.rename(out)  # the earlier data goes back where it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -385,9 +476,61 @@ def write_array_dir(out: Path, arrays: dict[str, np.ndarray]) -> None:
             if key == "meta":
                 (tmp / "meta.json").write_text(str(value))
             else:
-                np.save(tmp / f"{key}.npy", value)
+                _save_npy(tmp / f"{key}.npy", value)
 
     _swap_into_place(out, fill)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run has written nothing yet: a file with its pid is an earlier process's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid we can ask about: leave its files alone
+    return True
+
+
+def _leftover(entry: Path, targets: str, is_dir: Callable[[str], bool]) -> tuple[str, str] | None:
+    """(target name, 'tmp' or 'old') when `entry` is clearly a temp of this module's own writing
+    of a target whose name matches the regex `targets`: the naming above, a writer no longer
+    running, a regular file for file targets and for directories only what the collector writes.
+    None for anything else, which is then never touched."""
+    m = re.fullmatch(rf"\.({targets})\.(tmp|old)(\d*)(.*)", entry.name)
+    if m is None or entry.is_symlink():
+        return None
+    name, kind, pid, rest = m.groups()
+    if pid and _running(int(pid)):
+        return None  # another collector is writing it right now
+    if not is_dir(name):
+        return (name, kind) if kind == "tmp" and pid and rest == Path(name).suffix and entry.is_file() else None
+    if rest or not entry.is_dir():  # (pid-less .tmp/.old directories: the names earlier versions used)
+        return None
+    ours = all(f.is_file() and not f.is_symlink() and (f.suffix == ".npy" or f.name == "meta.json") for f in entry.iterdir())
+    return (name, kind) if ours else None
+
+
+def remove_leftovers(folder: Path, targets: str, is_dir: Callable[[str], bool]) -> None:
+    """Removes what killed runs left of their writes into `folder` (see _leftover) and says so in
+    one line. A `.old` directory whose target is missing holds the only copy of earlier data (the
+    run died between its two renames): kept, and named."""
+    if not folder.is_dir():
+        return
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        found = _leftover(entry, targets, is_dir)
+        if found is None:
+            continue
+        name, kind = found
+        if kind == "old" and not os.path.lexists(folder / name):
+            print(f"note: {entry} holds the earlier {name} that an interrupted write moved aside; rename it back or delete it")
+            continue
+        (shutil.rmtree if entry.is_dir() else Path.unlink)(entry)
+        removed.append(entry.name)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {folder} by an interrupted collection: {', '.join(removed)}")
 
 
 # ----------------------------------------------------------------------------- shards
@@ -404,20 +547,52 @@ def parts_dir(out: Path) -> Path:
 
 
 def read_progress(parts: Path) -> dict:
+    """The interrupted collection's record, its shards checked to be what write_shard left: a
+    FIFO or a loop where an array should be would hang or crash the merge at the very end."""
+    path = parts / "progress.json"
+    odd = odd_path(path)
+    if odd:
+        fail(f"{path} is {odd}, not the file an interrupted collection writes; delete {parts} and collect again")
     try:
-        progress = json.loads((parts / "progress.json").read_text())
-        return {"settings": dict(progress["settings"]), "shards": [dict(s) for s in progress["shards"]]}
+        progress = json.loads(path.read_text())
+        progress = {"settings": dict(progress["settings"]), "shards": [dict(s) for s in progress["shards"]]}
     except (OSError, ValueError, KeyError, TypeError):
         fail(f"{parts} holds no readable progress.json; delete it and collect again")
+    for shard in progress["shards"]:
+        name = str(shard.get("name"))
+        d = parts / name
+        if not re.fullmatch(r"shard_\d{5}", name) or not d.is_dir() or not (d / "length.npy").is_file():
+            fail(
+                f"{parts}: shard {d.name} named in progress.json is {odd_path(d) or 'missing or incomplete'}; delete {parts} and collect again"
+            )
+        for f in d.iterdir():
+            odd = odd_path(f)
+            if odd:
+                fail(f"{f} is {odd}, not a file of the shard; delete {parts} and collect again")
+    return progress
 
 
 def write_shard(parts: Path, progress: dict, buffer: list[dict[str, np.ndarray]]) -> None:
     name = f"shard_{len(progress['shards']):05d}"
     arrays = {k: np.concatenate([e[k] for e in buffer]) for k in buffer[0]}
     arrays["length"] = np.array([len(e["action"]) for e in buffer], np.int64)
-    write_array_dir(parts / name, arrays)
-    progress["shards"].append({"name": name, "episodes": len(buffer), "transitions": len(arrays["action"])})
-    write_json(parts / "progress.json", progress)  # the shard counts only once this names it
+    done = sum(s["episodes"] for s in progress["shards"])
+    kept = (
+        f"the {done} episodes before it stay in {parts}: free some space and continue with the same command and --resume"
+        if done
+        else "free some space and run again"
+    )
+    record = {"name": name, "episodes": len(buffer), "transitions": len(arrays["action"])}
+    try:
+        with writing(parts / name, kept):
+            parts.mkdir(exist_ok=True)
+            write_array_dir(parts / name, arrays)
+            write_json(parts / "progress.json", {**progress, "shards": [*progress["shards"], record]})
+    except UserError:
+        if not done:
+            shutil.rmtree(parts, ignore_errors=True)  # nothing to resume: a bare parts directory would only block the next run
+        raise
+    progress["shards"].append(record)  # the shard counts only once progress.json names it
 
 
 def merge_shards(parts: Path, progress: dict, out: Path, meta: dict) -> None:
@@ -439,6 +614,7 @@ def merge_shards(parts: Path, progress: dict, out: Path, meta: dict) -> None:
             dest = np.lib.format.open_memmap(
                 tmp / f"{key}.npy", mode="w+", dtype=pieces[0].dtype, shape=(sum(map(len, pieces)), *pieces[0].shape[1:])
             )
+            _reserve(tmp / f"{key}.npy")
             at = 0
             for piece in pieces:
                 dest[at : at + len(piece)] = piece
@@ -446,7 +622,7 @@ def merge_shards(parts: Path, progress: dict, out: Path, meta: dict) -> None:
             dest.flush()
             del dest
         for key, value in linked.items():
-            np.save(tmp / f"{key}.npy", value)
+            _save_npy(tmp / f"{key}.npy", value)
         (tmp / "meta.json").write_text(json.dumps(meta))
 
     _swap_into_place(out, fill)
@@ -492,15 +668,48 @@ def _worker_episode(e: int) -> dict[str, np.ndarray]:
     return _WORKER_EPISODE(e)
 
 
-def main(cfg: CollectConfig) -> Path:
-    from tqdm import tqdm
+def _in_order(pool, episodes: range, ahead: int) -> Iterator[dict[str, np.ndarray]]:
+    """The workers' episodes in episode order, like pool.map, but with at most `ahead` submitted
+    at a time: Executor.map submits every episode before the first result, a future each, so a
+    huge --episodes would fill RAM before anything is collected."""
+    todo = iter(episodes)
+    pending = collections.deque(pool.submit(_worker_episode, e) for e in itertools.islice(todo, ahead))
+    while pending:
+        result = pending.popleft().result()
+        e = next(todo, None)
+        if e is not None:
+            pending.append(pool.submit(_worker_episode, e))
+        yield result
 
+
+def check_flags(cfg: CollectConfig) -> None:
+    """The numeric flags that need no env: one line for each value that would crash, hang or
+    silently do nothing."""
     if cfg.episodes < 1:
         fail(f"--episodes must be at least 1, got {cfg.episodes}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
     check_seed(cfg.seed)
-    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
+    if not 8 <= cfg.image_size <= MAX_IMAGE_SIZE:
+        fail(f"--image-size {cfg.image_size} is out of range; use 8 to {MAX_IMAGE_SIZE} (64 is the default)")
+    if cfg.frame_skip < 1:
+        fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not 1 <= cfg.num_envs <= WORKERS_PER_CORE * cores:
+        fail(
+            f"--num-envs must be from 1 to {WORKERS_PER_CORE * cores} ({WORKERS_PER_CORE} per CPU core here; each worker is a "
+            f"whole process and more than one per core adds no speed), got {cfg.num_envs}"
+        )
+    if not (cfg.shard_mb > 0 and math.isfinite(cfg.shard_mb)):
+        fail(f"--shard-mb must be a positive number of MB, got {cfg.shard_mb}")
+
+
+def check_out(out: Path, cfg: CollectConfig) -> bool:
+    """Refuses an --out the collector must not write; returns whether it holds data already."""
+    what = "a .npz file" if out.suffix == ".npz" else "a dataset directory"
+    odd = odd_path(out)
+    if odd:
+        fail(f"--out {out} is {odd}, not {what}; choose another name")
     if out.suffix != ".npz":
         if out.suffix:
             fail(f"--out {out} must end in .npz (one compressed file) or be a directory name (memory-mapped arrays)")
@@ -509,20 +718,49 @@ def main(cfg: CollectConfig) -> Path:
         if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "obs.npy").is_file()):
             # the directory layout replaces --out whole: never something that is not a dataset
             fail(f"--out {out} exists and is not a dataset directory from this collector; choose a new name")
-    elif out.is_dir():
+        return out.is_dir() and any(out.iterdir())
+    if out.is_dir():
         fail(f"--out {out} is a directory; a .npz output needs a file name")
-    if cfg.frame_skip < 1:
-        fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
-    if cfg.num_envs < 1:
-        fail(f"--num-envs must be at least 1, got {cfg.num_envs}")
-    if cfg.shard_mb <= 0:
-        fail(f"--shard-mb must be positive, got {cfg.shard_mb}")
+    return out.is_file()
+
+
+def check_against_env(cfg: CollectConfig, env, minigrid_env: bool) -> None:
+    """--max-steps and --frame-skip against the env's own episode limit: a cap above it would
+    change nothing (episodes end there), a skip past it leaves one transition per episode."""
+    limit = env.unwrapped.max_steps if minigrid_env else getattr(env.spec, "max_episode_steps", None)
+    if cfg.frame_skip > (limit or DEFAULT_STEP_CAP):
+        has = f"an episode of {cfg.env} has ({limit})" if limit else f"the collector plays in an env without a limit ({DEFAULT_STEP_CAP})"
+        fail(f"--frame-skip {cfg.frame_skip} is more env steps than {has}: each episode would be a single transition; use a smaller value")
+    most = limit and -(-limit // cfg.frame_skip)  # stored transitions: each is --frame-skip env steps
+    if most and cfg.max_steps is not None and cfg.max_steps > most:
+        per = f" of {cfg.frame_skip} env steps" if cfg.frame_skip > 1 else ""
+        fail(
+            f"--max-steps {cfg.max_steps} is above the {most} transitions{per} an episode of {cfg.env} can have "
+            f"(its own limit: {limit} steps), where every episode ends anyway; use at most {most} or leave --max-steps out"
+        )
+    steps = cfg.max_steps or limit or DEFAULT_STEP_CAP
+    frame_bytes = 7 * 7 * 3 if minigrid_env and cfg.obs == "symbolic" else cfg.image_size**2 * cfg.channels
+    if (steps + 1) * frame_bytes > MAX_EPISODE_BYTES:
+        fail(
+            f"one episode of {steps} steps would hold {(steps + 1) * frame_bytes / 1e9:.0f} GB of frames in RAM (an episode is kept "
+            f"whole until it ends); use --max-steps {int(MAX_EPISODE_BYTES // frame_bytes) - 1} at most or a smaller --image-size"
+        )
+
+
+def main(cfg: CollectConfig) -> Path:
+    from tqdm import tqdm
+
+    check_flags(cfg)
+    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
+    has_data = check_out(out, cfg)
     minigrid_env = is_minigrid(cfg.env)
     if minigrid_env and cfg.frame_skip != 1:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
     if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout):
         fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
     parts = parts_dir(out)
+    if os.path.lexists(parts) and not parts.is_dir():
+        fail(f"{parts}, where a collection into {out} keeps its shards, is {odd_path(parts) or 'a file'}; remove it")
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     progress = {"settings": settings, "shards": []}
     if cfg.resume:
@@ -539,18 +777,29 @@ def main(cfg: CollectConfig) -> Path:
     if first > cfg.episodes:
         fail(f"--resume: the interrupted collection already has {first} episodes, more than --episodes {cfg.episodes}")
     env, episode, space, source_meta = open_source(cfg, minigrid_env)
-    check_writable_dir(out.parent, "output directory")
+    try:
+        check_against_env(cfg, env, minigrid_env)
+        if has_data and not cfg.overwrite:
+            fail(
+                f"--out {out} already holds a dataset; pass --overwrite to replace it (once the new one is complete) or choose another --out"
+            )
+        check_writable_dir(out.parent, "output directory")
+    except UserError:
+        env.close()
+        raise
+    remove_leftovers(out.parent, re.escape(out.name), lambda name: out.suffix != ".npz")
+    remove_leftovers(parts, r"shard_\d{5}|progress\.json", lambda name: name != "progress.json")
     buffer: list[dict[str, np.ndarray]] = []
     buffered_bytes, total, pool = 0, 0, None
     todo = range(first, cfg.episodes)
     if cfg.num_envs > 1:
-        # Episodes are independent (seeded by e), so workers can play them in any order; map()
-        # hands them back in episode order: the file is the one a single process writes.
+        # Episodes are independent (seeded by e), so workers can play them in any order; they
+        # come back in episode order: the file is the one a single process writes.
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(cfg.num_envs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(cfg,))
-        results = pool.map(_worker_episode, todo)
+        results = _in_order(pool, todo, 2 * cfg.num_envs)
     else:
         results = map(episode, todo)
     bar = tqdm(results, total=cfg.episodes, initial=first, desc=f"collect {cfg.env}", unit="ep", dynamic_ncols=True)
@@ -563,7 +812,6 @@ def main(cfg: CollectConfig) -> Path:
                 total += len(ep["action"])
                 bar.set_postfix(transitions=total, refresh=False)
                 if buffered_bytes >= cfg.shard_mb * 1e6:
-                    parts.mkdir(exist_ok=True)
                     write_shard(parts, progress, buffer)
                     buffer, buffered_bytes = [], 0
                 if stop.requested:
@@ -576,7 +824,6 @@ def main(cfg: CollectConfig) -> Path:
                 pool.shutdown(wait=not stopped, cancel_futures=True)
     if stopped:
         if buffer:
-            parts.mkdir(exist_ok=True)
             write_shard(parts, progress, buffer)
         done = sum(s["episodes"] for s in progress["shards"])
         raise Interrupted(
@@ -602,13 +849,16 @@ def main(cfg: CollectConfig) -> Path:
         "config": to_jsonable(cfg),
     }
     if progress["shards"]:
-        merge_shards(parts, progress, out, meta)
+        with writing(out, f"the episodes stay in {parts}: free some space and finish with the same command and --resume"):
+            merge_shards(parts, progress, out, meta)
         shutil.rmtree(parts)
-    elif out.suffix == ".npz":
-        arrays = assemble(buffer, meta)
-        atomic_write(out, lambda p: _savez(p, arrays))
     else:
-        write_array_dir(out, assemble(buffer, meta))
+        arrays = assemble(buffer, meta)
+        with writing(out, "free some space and run again"):
+            if out.suffix == ".npz":
+                atomic_write(out, lambda p: _savez(p, arrays))
+            else:
+                write_array_dir(out, arrays)
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
     n = sum(s["transitions"] for s in progress["shards"]) or total
     print(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly
+from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, odd_path, place_agent_randomly
 from collect_minigrid_data import to_frames as collector_frames
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
@@ -48,6 +48,18 @@ from wm_common import (
 
 UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
 PATHS_DRAWN = 4
+# Imagined states one executed action may cost: candidates x horizon (x CEM iterations). Measured
+# on one core here, the CNN JEPA imagines ~150k states/s (7^6 sequences x 6 steps in 4.7 s), so
+# 1e6 is ~7 s per action and an Empty-8x8 episode (at most 256 actions) stays under half an hour;
+# one more step of an exhaustive horizon multiplies it by 7 (hours per episode), and --horizon 20
+# (7^20 sequences) held 14.6 GB after 36 s before scoring any. The encoder-decoder imagines whole
+# frames through its ViT, ~250 states/s (2401 x 4 in 38 s): 10k is its ~40 s per action.
+MAX_IMAGINED = 1_000_000
+MAX_IMAGINED_FRAMES = 10_000
+# Candidates go through the model this many at a time, so memory stays bounded whatever their
+# number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
+# for a JEPA's latents.
+PLAN_BATCH = 1024
 
 
 @dataclass
@@ -240,21 +252,25 @@ class Planner:
     def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
         s, horizon = choice.shape
-        per_step = []
         if self.cfg.cost == "graph":
             # Re-grounded imagination: the frame snaps to its node and each imagined step follows
             # the model's own one-step edge, so errors do not compound over the horizon.
             node = self.graph.snap(self.imagination.target(frame)).cpu().numpy().repeat(s)
+            per_step = []
             for h in range(horizon):
                 node = self.graph.edges[node, choice[:, h].numpy()]
                 per_step.append(torch.from_numpy(self.graph.cost_to_goal[node]).float() + h + 1)
+            costs = torch.stack(per_step, dim=1)  # [S,H]
         else:
-            state = self.imagination.start(frame)
-            state = state.expand(s, *state.shape[1:])
-            for h in range(horizon):
-                state = self.imagination.step(state, self.actions[choice[:, h]])
-                per_step.append(self.imagination.distance(self.imagination.embed(state), self.goal).min(dim=1).values.cpu())
-        costs = torch.stack(per_step, dim=1)  # [S,H]
+            # PLAN_BATCH candidates at a time through the model: memory stays bounded however many
+            start, chunks = self.imagination.start(frame), []
+            for part in choice.split(PLAN_BATCH):
+                state, per_step = start.expand(len(part), *start.shape[1:]), []
+                for h in range(horizon):
+                    state = self.imagination.step(state, self.actions[part[:, h]])
+                    per_step.append(self.imagination.distance(self.imagination.embed(state), self.goal).min(dim=1).values.cpu())
+                chunks.append(torch.stack(per_step, dim=1))
+            costs = torch.cat(chunks)  # [S,H]
         if self.cfg.aggregate == "final":
             return costs[:, -1]
         if self.cfg.aggregate == "sum":
@@ -344,8 +360,12 @@ def to_frames(raw: np.ndarray, image_size: int | None, channels: int = 3) -> np.
 
 
 def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
-    """A user's goal image as uint8 [1,H,W,C] of the model's frame shape."""
+    """A user's goal image as uint8 [1,H,W,C] of the model's frame shape. A NaN or inf pixel has
+    no colour (the cast to uint8 would make one up), so such an image is refused."""
     p = Path(path)
+    odd = odd_path(p)
+    if odd:
+        fail(f"--goal-obs {path} is {odd}, not an image file")
     if not p.is_file():
         fail(f"--goal-obs {path} not found")
     try:
@@ -357,6 +377,10 @@ def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
             img = matplotlib.image.imread(p)
     except Exception as e:
         fail(f"--goal-obs {path} is not a readable image ({type(e).__name__}); give a .png or a .npy array HxWxC")
+    if img.dtype.kind not in "biuf" or img.size == 0:
+        fail(f"--goal-obs {path} holds no pixel values (dtype {img.dtype}, shape {list(img.shape)}); give a .png or a .npy array HxWxC")
+    if not np.isfinite(img).all():
+        fail(f"--goal-obs {path} has {int(img.size - np.isfinite(img).sum())} non-finite (NaN or inf) values; give a real image")
     if img.dtype != np.uint8:
         img = np.clip(np.round(np.asarray(img, np.float64) * (255 if img.max() <= 1 else 1)), 0, 255).astype(np.uint8)
     if img.ndim == 3 and img.shape[-1] == 4 and shape[-1] == 3:
@@ -497,6 +521,41 @@ def save_gif(frames: list[np.ndarray], path: Path) -> None:
     atomic_write(path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0))
 
 
+def check_model_actions(model_config: dict[str, Any], actions: list[int], env_id: str) -> None:
+    """The planner feeds the model MiniGrid's discrete action ids: a model of vector actions (e.g.
+    trained on CarRacing) or with fewer actions than those would crash mid-run."""
+    if model_config.get("continuous_actions"):
+        fail(
+            f"the checkpoint's model takes continuous actions ({model_config.get('num_actions')}-dim vectors) but {env_id}'s "
+            "actions are discrete; plan with a model trained on data from a MiniGrid env"
+        )
+    known = int(model_config.get("num_actions", 0))
+    if max(actions) >= known:
+        fail(f"the checkpoint's model knows {known} actions but planning on {env_id} uses action ids up to {max(actions)}")
+
+
+def check_budget(cfg: PlanConfig, n_actions: int, frames: bool) -> None:
+    """Refuses a planner setting whose imagined states per executed action are beyond reach (see
+    MAX_IMAGINED): an exhaustive horizon grows them exponentially."""
+    limit = MAX_IMAGINED_FRAMES if frames else MAX_IMAGINED
+    which = " for a model that imagines whole frames" if frames else ""
+    if cfg.planner == "exhaustive":
+        # n ** horizon for a horizon of 10**30 would take forever to compute: past 64 steps the count is far off anyway
+        states = n_actions ** min(cfg.horizon, 64) * cfg.horizon
+        if states > limit:
+            longest = max((h for h in range(1, 64) if n_actions**h * h <= limit), default=0)
+            fail(
+                f"--planner exhaustive --horizon {cfg.horizon} imagines {n_actions}^{cfg.horizon} sequences x {cfg.horizon} steps "
+                f"per action, above the limit of {limit:,} imagined states{which} (memory and time); use --planner cem"
+                + (f", or --horizon {longest} at most" if longest else "")
+            )
+    elif cfg.samples * cfg.horizon * cfg.iterations > limit:
+        fail(
+            f"--samples {cfg.samples} x --horizon {cfg.horizon} x --iterations {cfg.iterations} imagined states per action are "
+            f"above the limit of {limit:,}{which} (memory and time); lower them"
+        )
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -524,9 +583,18 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     if frame_shape and list(sample.shape[1:]) != frame_shape:
         fail(f"{env_id} renders frames {list(sample.shape[1:])} but the model takes {frame_shape}")
     goal_obs = load_goal_image(cfg.goal_obs, list(sample.shape[1:])) if cfg.goal_obs else None
-    out = check_writable_dir(cfg.out_dir, "--out-dir")
     n_actions = int(env.action_space.n)
     actions = list(NAV_ACTIONS) if (meta.get("config") or {}).get("actions") == "nav" else list(range(n_actions))
+    check_model_actions(ckpt["model_config"], actions, env_id)
+    if cfg.max_steps is not None and cfg.max_steps > env.unwrapped.max_steps:
+        fail(
+            f"--max-steps {cfg.max_steps} is above {env_id}'s own limit of {env.unwrapped.max_steps} steps, where every episode "
+            f"ends anyway; use at most {env.unwrapped.max_steps} or leave --max-steps out"
+        )
+    check_budget(cfg, len(actions), frames=ckpt["arch"] == "encdec_vit" and cfg.cost == "latent")
+    if cfg.env and meta.get("env") and cfg.env != meta["env"]:
+        print(f"note: planning on {cfg.env} with a model trained on data from {meta['env']}")
+    out = check_writable_dir(cfg.out_dir, "--out-dir")
     seed_everything(cfg.seed)
     device = choose_device(cfg.device)
     model = model_from_checkpoint(ckpt).to(device)

@@ -45,9 +45,9 @@ class TrainConfig(ViTArgs, RunConfig):
     idm_coeff: float = field(default=1.0, metadata={"help": "weight of the inverse-dynamics loss ((z_t, z_t+1) -> a_t); 0 = off"})
     smooth_coeff: float = field(default=0.0, metadata={"help": "weight of temporal smoothness, mean ||z_t+1 - z_t||^2; 0 = off"})
     target: str = field(
-        default="ema",
+        default="online",
         metadata={
-            "help": "what the predictor aims at: ema = the EMA target encoder; online = the online encoder, stop-gradient",
+            "help": "what the predictor aims at: online = the online encoder, stop-gradient; ema = the EMA target encoder (seed 003)",
             "choices": list(TARGETS),
         },
     )

@@ -966,12 +966,20 @@ SEED000_ALIASES = {
 SEED000_COLLECTION_KEYS = ("environment_name", "num_episodes_data_collection", "max_steps_per_episode_data_collection")
 
 
+# Fewer optimizer steps than this leave the models here short of what their data can teach
+# (measured: one-step prediction no better than copying the latent); such runs are told so.
+MIN_STEPS = 1500
+DEFAULT_STEPS = 2000
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Settings every trainer shares; each trainer's config adds its model's fields."""
 
     data: str = dataclasses.field(default="data/demo_empty8x8.npz", metadata={"help": "transitions .npz from collect_minigrid_data.py"})
-    epochs: int = dataclasses.field(default=5, metadata={"help": "total epochs (with --resume: train until this many)"})
+    epochs: int | None = dataclasses.field(
+        default=None, metadata={"help": "total epochs (with --resume: train until this many; default: enough for --steps)"}
+    )
     batch_size: int = dataclasses.field(default=64, metadata={"help": "transitions per batch"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -1005,9 +1013,9 @@ class RunConfig:
             "help": f"skip an update whose loss or gradient is NaN/inf instead of stopping ({MAX_SKIPPED_IN_A_ROW} in a row still stop)"
         },
     )
-    steps: int = dataclasses.field(
-        default=0,
-        metadata={"help": "budget in optimizer steps: train the fewest whole epochs that reach it (overrides --epochs; 0: use --epochs)"},
+    steps: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": f"budget in optimizer steps: the fewest whole epochs that reach it (default without --epochs: {DEFAULT_STEPS})"},
     )
     unroll: int = dataclasses.field(
         default=1,
@@ -1015,14 +1023,12 @@ class RunConfig:
     )
 
 
-# Fewer optimizer steps than this leave the models here short of what their data can teach
-# (measured: one-step prediction no better than copying the latent); such runs are told so.
-MIN_STEPS = 1500
-
-
 def epochs_for(cfg: Any, steps_per_epoch: int) -> int:
-    """--epochs, or with --steps the fewest whole epochs that give that many optimizer steps."""
-    return -(-cfg.steps // steps_per_epoch) if cfg.steps > 0 else cfg.epochs
+    """--epochs, or the fewest whole epochs that give --steps (default DEFAULT_STEPS) optimizer steps:
+    a budget in steps fits any data size, where a fixed number of epochs under-trains small data."""
+    if cfg.epochs is not None:
+        return cfg.epochs
+    return -(-(cfg.steps or DEFAULT_STEPS) // steps_per_epoch)
 
 
 def warn_if_short(total_steps: int, steps_per_epoch: int, epochs: int) -> None:
@@ -1116,10 +1122,12 @@ def _train_run(
     this; rank 0 alone writes."""
     from minigrid_dataset import MiniGridTransitions, make_loaders
 
-    if cfg.epochs < 1:
+    if cfg.epochs is not None and cfg.steps is not None:
+        fail("give the budget as --epochs or as --steps, not both")
+    if cfg.epochs is not None and cfg.epochs < 1:
         fail(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.steps < 0:
-        fail(f"--steps must be 0 (use --epochs) or a number of optimizer steps, got {cfg.steps}")
+    if cfg.steps is not None and cfg.steps < 1:
+        fail(f"--steps must be at least 1, got {cfg.steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         fail(f"--lr must be positive and finite, got {cfg.lr}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
@@ -1160,7 +1168,7 @@ def _train_run(
             unroll=cfg.unroll,
         )
         steps_per_epoch = len(train_loader.batch_sampler)
-        epochs = epochs_for(cfg, steps_per_epoch)
+        epochs = cfg.epochs = epochs_for(cfg, steps_per_epoch)  # config.json records the epochs a --steps budget gave
         warn_if_short(epochs * steps_per_epoch, steps_per_epoch, epochs)
         if resume_from and (resume_from.get("data_meta") or {}).get("transitions", len(data)) != len(data):
             fail(

@@ -97,7 +97,7 @@ def test_directory_layout_keeps_frames_out_of_process_memory(tmp_path):
 def test_rewriting_a_directory_replaces_it_whole(tmp_path):
     out = collect(tmp_path / "d", episodes=3, max_steps=10)
     first = MiniGridTransitions(out)
-    out = collect(tmp_path / "d", episodes=2, max_steps=10)
+    out = collect(tmp_path / "d", episodes=2, max_steps=10, overwrite=True)
     assert len(MiniGridTransitions(out)) < len(first) and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
