@@ -8,6 +8,7 @@ config.json, metrics.csv, loss.png) and predictions.png: held-out s_t, predicted
 s_t+1 and their difference, so you can see what the decoder learned.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     residual: bool = field(
         default=True, metadata={"help": "decode the change from s_t, not the whole frame (--no-residual: seed 000's decoder)"}
     )
+    change_weight: float = field(
+        default=0.0, metadata={"help": "pixels that change from s_t to s_t+1 weigh 1 + this in the loss (0: plain MSE, seed 000)"}
+    )
     unroll: int = field(default=1, metadata={"help": "train on K-step windows, each predicted frame fed back (1: one-step)"})
 
 
@@ -59,6 +63,7 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig)
             decoder_dim=cfg.decoder_dim,
             num_decoder_layers=cfg.num_decoder_layers,
             residual=cfg.residual,
+            change_weight=cfg.change_weight,
         )
     if config.decoder_dim % config.num_heads:
         fail(f"decoder_dim {config.decoder_dim} is not divisible by num_heads {config.num_heads}")
@@ -108,6 +113,8 @@ def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: t
 
 def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
+    if not (cfg.change_weight >= 0 and math.isfinite(cfg.change_weight)):
+        fail(f"--change-weight must be a finite weight >= 0 (0: plain MSE), got {cfg.change_weight}")
     summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg))
     if rank() == 0:
         out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))

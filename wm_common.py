@@ -800,6 +800,7 @@ def fit(
         say(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
     skipped_in_a_row = skipped = 0
     history: list[tuple[float, float]] = []  # (train, val) loss per epoch of this process
+    warned_overfit = False
     with StopRequest("training") as stop:
         for epoch in range(start_epoch, settings.epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -880,12 +881,14 @@ def fit(
                     "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff."
                 )
             history.append((epoch_mean, val["loss"]))
-            if overfitting(history):
-                (t0, v0), (t1, v1) = history[-3], history[-1]
+            best = overfitting(history)
+            if best is not None and not warned_overfit:
+                warned_overfit = True
+                (t0, v0), (t1, v1) = history[best], history[-1]
                 say(
-                    f"WARNING: validation loss rising ({v0:.4f} -> {v1:.4f} over 2 epochs) while training loss falls "
-                    f"({t0:.4f} -> {t1:.4f}): the model is fitting its training episodes, not the env. "
-                    "Use fewer epochs or collect more episodes"
+                    f"WARNING: validation loss has risen {len(history) - 1 - best} epochs past its best ({v0:.4f} -> {v1:.4f}) "
+                    f"while training loss fell ({t0:.4f} -> {t1:.4f}): the model is fitting its training episodes, not the "
+                    f"env. Use fewer epochs (about {start_epoch + best + 1}) or collect more episodes"
                 )
             write_row({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
             save(epoch + 1)
@@ -908,12 +911,19 @@ def fit(
     return summary
 
 
-def overfitting(history: list[tuple[float, float]]) -> bool:
-    """Validation loss up two epochs in a row while the training loss went down."""
-    if len(history) < 3:
-        return False
-    (t0, v0), (t1, v1), (t2, v2) = history[-3:]
-    return v2 > v1 > v0 and t2 < t1 < t0
+OVERFIT_EPOCHS, OVERFIT_MARGIN = 3, 0.05
+
+
+def overfitting(history: list[tuple[float, float]]) -> int | None:
+    """The epoch index of the best validation loss when the run has moved away from it: for
+    OVERFIT_EPOCHS epochs or more since, validation loss is more than OVERFIT_MARGIN above that
+    best while the training loss went on falling (a margin and a span, so epoch-to-epoch noise
+    in a small validation set is not mistaken for it). None otherwise."""
+    best = min(range(len(history)), key=lambda i: history[i][1])
+    (t_best, v_best), (t_now, v_now) = history[best], history[-1]
+    if len(history) - 1 - best >= OVERFIT_EPOCHS and v_now > (1 + OVERFIT_MARGIN) * v_best and t_now < t_best:
+        return best
+    return None
 
 
 @torch.no_grad()

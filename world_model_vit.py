@@ -102,6 +102,7 @@ class EncDecConfig(ViTConfig):
     decoder_dim: int = 128
     num_decoder_layers: int = 2
     residual: bool = False  # decode the change from s_t instead of the whole frame
+    change_weight: float = 0.0  # pixels that change from s_t to s_t+1 weigh 1 + this in the loss
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -337,7 +338,15 @@ class ViTEncoderDecoder(nn.Module):
     def loss(self, frames: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """frames uint8 [B,K+1,H,W,C], actions [B,K] -> pixel MSE over the K open-loop steps."""
         pred = self.rollout_frames(frames[:, 0], actions)  # [B,K,C,H,W]
-        recon = F.mse_loss(pred, flat_steps(lambda f: frames_to_float(f, self.config.pixel_scale), frames[:, 1:]))
+        true = flat_steps(lambda f: frames_to_float(f, self.config.pixel_scale), frames)  # [B,K+1,C,H,W]
+        if self.config.change_weight == 0:
+            recon = F.mse_loss(pred, true[:, 1:])
+        else:
+            # The agent is a few pixels of a static board: plain MSE is nearly all board, and a
+            # decoder that leaves the agent out scores well. Weighting what changes counters that.
+            changed = (true[:, 1:] != true[:, :-1]).any(dim=2, keepdim=True)  # [B,K,1,H,W]
+            weight = 1 + self.config.change_weight * changed.float()
+            recon = (weight * (pred - true[:, 1:]).pow(2)).mean() / weight.mean()
         return recon, {"recon_loss": recon.detach()}
 
     def term_names(self) -> list[str]:
