@@ -42,7 +42,7 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     num_decoder_layers: int = field(default=2, metadata={"help": "decoder transformer blocks"})
     num_examples: int = field(default=8, metadata={"help": "held-out examples drawn in predictions.png"})
     residual: bool = field(
-        default=True, metadata={"help": "decode the change from s_t, not the whole frame (--no-residual: seed 000's decoder)"}
+        default=False, metadata={"help": "decode the change from s_t, not the whole frame (sharper one step, drifts when fed back)"}
     )
     change_weight: float = field(
         default=0.0, metadata={"help": "pixels that change from s_t to s_t+1 weigh 1 + this in the loss (0: plain MSE, seed 000)"}

@@ -44,10 +44,11 @@ class TrainConfig(ViTArgs, RunConfig):
     )
     idm_coeff: float = field(default=1.0, metadata={"help": "weight of the inverse-dynamics loss ((z_t, z_t+1) -> a_t); 0 = off"})
     smooth_coeff: float = field(default=0.0, metadata={"help": "weight of temporal smoothness, mean ||z_t+1 - z_t||^2; 0 = off"})
-    target: str = field(
-        default="online",
+    target: str | None = field(
+        default=None,
         metadata={
-            "help": "what the predictor aims at: online = the online encoder, stop-gradient; ema = the EMA target encoder (seed 003)",
+            "help": "what the predictor aims at: online = the online encoder, stop-gradient; ema = the EMA target encoder "
+            "(default: online for cnn; ema for vit, whose seed arrangement encodes s_t with the EMA encoder)",
             "choices": list(TARGETS),
         },
     )
@@ -121,7 +122,8 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
 
 def objective(cfg: TrainConfig) -> dict[str, Any]:
     """The multi-step objective's model-config fields, the same for both architectures."""
-    return dict(idm_coeff=cfg.idm_coeff, smooth_coeff=cfg.smooth_coeff, target=cfg.target, residual=cfg.residual)
+    target = cfg.target or ("online" if cfg.arch == "cnn" else "ema")
+    return dict(idm_coeff=cfg.idm_coeff, smooth_coeff=cfg.smooth_coeff, target=target, residual=cfg.residual)
 
 
 def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:

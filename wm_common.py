@@ -103,6 +103,17 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
     return tp, optional
 
 
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag converter that also takes 'none'; named after `convert`, so argparse's message for a
+    bad value reads 'invalid int value', not 'invalid <lambda> value'."""
+
+    def parse(s: str) -> Any:
+        return None if s.lower() == "none" else convert(s)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Checks and converts a value read from a YAML file to the field's type."""
     convert, optional = _field_parser(tp)
@@ -163,7 +174,7 @@ def parse_config(
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
             convert, optional = _field_parser(hints[f.name])
-            kw["type"] = (lambda s, c=convert: None if s.lower() == "none" else c(s)) if optional else convert
+            kw["type"] = _or_none(convert) if optional else convert
             kw["metavar"] = meta.get("metavar", f.name.upper())
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
@@ -1111,12 +1122,11 @@ def run_training(
     arch: str,
     build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
 ) -> dict[str, Any]:
-    """Trains under the run directory's lock (rank 0 holds it for every process); see `_train_run`."""
-    check_out_dir_apart_from_data(Path(cfg.out_dir), cfg.data)
-    if rank() != 0:
-        return _train_run(cfg, arch=arch, build_model=build_model)
-    with run_lock(Path(cfg.out_dir)):
-        return _train_run(cfg, arch=arch, build_model=build_model)
+    """`_train_run` with the run directory's lock, taken once every input is checked and before
+    the first write (so a bad input writes nothing, not even the lock file), and held to the end
+    by rank 0 for every process."""
+    with contextlib.ExitStack() as held:
+        return _train_run(cfg, arch=arch, build_model=build_model, hold=held)
 
 
 def _train_run(
@@ -1124,6 +1134,7 @@ def _train_run(
     *,
     arch: str,
     build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
+    hold: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """What every trainer does around `fit`: load and split the data, seed, build (or restore,
     with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
@@ -1203,6 +1214,10 @@ def _train_run(
         if world_size() > 1:
             dist.barrier()  # every rank has read the old run before rank 0 moves or writes anything
         if rank() == 0:
+            check_out_dir_apart_from_data(out, cfg.data)
+            hold.enter_context(run_lock(out))
+            if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):  # a run that ended while this one started
+                fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
             if ckpt_path.exists() and not cfg.resume:
                 # --overwrite: keep the earlier run whole beside the new one until the user deletes
                 # it, so a new run that fails never leaves a mix of old and new files.

@@ -18,8 +18,8 @@ from conftest import ROOT, THREADS, ok, run
 
 from wm_common import FitSettings, UserError, fit
 
-# 8 episodes of 40 steps, batch 8: 35 steps per epoch
-RUN = ("--epochs", "2", "--batch-size", "8", "--seed", "4")
+# 8 episodes of 40 steps, batch 8, one-step windows: 35 steps per epoch
+RUN = ("--epochs", "2", "--batch-size", "8", "--seed", "4", "--unroll", "1")
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +106,16 @@ class FlakyModel(torch.nn.Module):
         self.lin = torch.nn.Linear(4, 4)
         self.bad_calls, self.calls = bad_calls, 0
 
-    def loss(self, obs, action, next_obs):
+    def loss(self, frames, actions):
         self.calls += 1
-        x = obs.float().flatten(1)[:, :4] / 255
-        loss = torch.nn.functional.mse_loss(self.lin(x), next_obs.float().flatten(1)[:, :4] / 255)
+        x = frames[:, 0].float().flatten(1)[:, :4] / 255
+        loss = torch.nn.functional.mse_loss(self.lin(x), frames[:, 1].float().flatten(1)[:, :4] / 255)
         if self.calls in self.bad_calls:
             loss = loss * float("nan")
         return loss, {}
+
+    def term_names(self) -> list[str]:
+        return []
 
 
 def fit_flaky(tiny_npz, tmp_path, bad_calls, skip: bool):
@@ -124,9 +127,7 @@ def fit_flaky(tiny_npz, tmp_path, bad_calls, skip: bool):
         epochs=2, lr=1e-2, weight_decay=0, grad_clip=1.0, log_every=2, out_dir=tmp_path, resume=False, title="t", skip_nonfinite=skip
     )
     info = {"arch": "flaky", "model_config": {}, "train_config": {}, "data_meta": {}}
-    summary = fit(
-        model=model, train_loader=train, val_loader=val, device=torch.device("cpu"), settings=settings, checkpoint_info=info, term_names=[]
-    )
+    summary = fit(model=model, train_loader=train, val_loader=val, device=torch.device("cpu"), settings=settings, checkpoint_info=info)
     return model, summary
 
 

@@ -547,15 +547,15 @@ CASES = [
         "image_size_mismatch_jepa_resume",
         "train_jepa",
         lambda w, t: resume(w, t, w.jepa, w.data16, "--epochs", "2", "--batch-size", "8"),
-        "the data's frames are [16, 16, 3]",
-        "[32, 32, 3]",
+        "--resume: the run was trained with --data",
+        "small16.npz",
     ),
     case(
         "image_size_mismatch_encdec_resume",
         "train_encdec",
         lambda w, t: resume(w, t, w.encdec, w.data16, *SMALL_ENCDEC, "--epochs", "2", "--batch-size", "8"),
-        "the data's frames are [16, 16, 3]",
-        "32px",
+        "--resume: the run was trained with --data",
+        "small16.npz",
     ),
     case("image_size_mismatch_plan_graph_data", "plan", lambda w, t: plan(w, t, "--graph-data", w.data16), "--graph-data", "[16, 16, 3]"),
     case(
@@ -576,7 +576,7 @@ CASES = [
         "vector_action_data_for_discrete_model_resume",
         "train_jepa",
         lambda w, t: resume(w, t, w.jepa, bad_npz(w, t, drop=("meta",), action=vector_actions(w)), "--epochs", "2"),
-        "action",
+        "--resume: the run was trained with --data",
     ),
     case(
         "more_actions_than_the_model_inspect",
@@ -588,7 +588,7 @@ CASES = [
         "more_actions_than_the_model_resume",
         "train_jepa",
         lambda w, t: resume(w, t, w.jepa, twelve_actions(w, t), "--epochs", "2"),
-        "action",
+        "--resume: the run was trained with --data",
     ),
     # --- envs and output locations ---------------------------------------------------------------
     case("unknown_env_id", "collect", lambda w, t: collect_into(w, t, "--env", "MiniGrid-NoSuchRoom-v0"), "unknown env id", "NoSuchRoom"),

@@ -315,7 +315,8 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--unroll", "0"], "--unroll must be at least 1"),
         (["--idm-coeff", "nan"], "--idm-coeff must be a finite weight"),
         (["--smooth-coeff", "-1"], "--smooth-coeff must be a finite weight"),
-        (["--steps", "-5"], "--steps must be 0"),
+        (["--steps", "-5"], "--steps must be at least 1"),
+        (["--steps", "100", "--epochs", "2"], "not both"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
     ],
 )
