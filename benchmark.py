@@ -9,9 +9,9 @@
   and rendering the same frames (1.0 = no overhead); with and without writing the .npz.
 - train: full training-loop samples/s (DataLoader, uint8 -> float, EMA, logging) vs the
   model-only step on a batch already on the device.
-- train (unroll): one optimizer step on K-step windows vs K one-step steps, CNN JEPA with the
-  trainer's objective (inverse dynamics, VICReg on every frame, residual predictor); the
-  target is at most 1.2 (K steps of prediction cost no more than K one-step updates + 20%).
+- train (unroll): one optimizer step on K-step windows vs K one-step steps, CNN JEPA with
+  train_jepa.py's default objective; the target is at most 1.2 (K steps of prediction cost no
+  more than K one-step updates + 20%).
 - train (DDP): `torchrun --nproc_per_node N` vs one process, CNN JEPA, same global batch and
   steps, samples/s from each run's metrics.csv.
 - data: dataset RAM vs the uint8 bytes of its frames; bytes per transition in RAM and on disk
@@ -39,6 +39,7 @@ import torch
 from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
 from collect_minigrid_data import main as collect_main
 from minigrid_dataset import MiniGridTransitions, make_loaders
+from train_jepa import TrainConfig, cnn_config
 from wm_common import FitSettings, check_writable_dir, choose_device, fit, run_cli, seed_everything, write_json
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
@@ -267,7 +268,7 @@ def bench_unroll(cfg: BenchConfig, data: MiniGridTransitions) -> dict:
     times = {}
     for k in (1, cfg.unroll):
         seed_everything(cfg.seed)
-        config = JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions, idm_coeff=1.0, vc_all_steps=True, residual=True)
+        config = cnn_config(data, TrainConfig(unroll=k))  # train_jepa.py's default objective
         times[k] = seconds_per_step(JEPAWorldModel(config=config).to(device), data, k, cfg, device)
     return {"unroll": cfg.unroll, "seconds_per_step": times, "over_k_one_step": times[cfg.unroll] / (cfg.unroll * times[1])}
 
