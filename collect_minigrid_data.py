@@ -21,14 +21,12 @@ episode with `seed`: one layout, many starts and action sequences).
 import collections
 import contextlib
 import datetime
-import errno
 import itertools
 import json
 import math
 import os
 import re
 import shutil
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from wm_common import (
     check_seed,
     check_writable_dir,
     fail,
+    odd_path,
     run_cli,
     to_jsonable,
     write_json,
@@ -397,26 +396,6 @@ def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.
 # writer's pid: `.<name>.tmp<pid><suffix>` for files (wm_common.atomic_write's naming),
 # `.<name>.tmp<pid>` for directories being built and `.<name>.old<pid>` for the directory they
 # replace. A SIGKILL leaves them behind; the next run writing the same target removes them.
-
-
-def odd_path(path: Path) -> str | None:
-    """What `path` is when it exists but is neither a regular file nor a directory (a FIFO, a
-    socket, a device, a symlink loop, a dangling symlink); None for a file, a directory or nothing.
-    Such paths must be named as what they are: is_file() and is_dir() both say False, which reads
-    as "not found", and opening a FIFO to read it blocks forever."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "a symlink loop"
-        return "a dangling symlink" if path.is_symlink() else None  # absent, or a parent is not a directory
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
 
 
 @contextlib.contextmanager

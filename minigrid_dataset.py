@@ -9,6 +9,7 @@ original collector (`actions`, `rewards`, `dones`, separate `next_obs`, no episo
 episodes are recovered from `done`.
 """
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wm_common import fail, run_cli
+from wm_common import fail, odd_path, run_cli
 
 LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
 PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
@@ -132,6 +133,9 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     the dtypes the dataset serves: uint8 frames, int64 (discrete) or float32 actions, float32
     reward, bool done, int64 indices, episodes and labels."""
     p = Path(path)
+    odd = odd_path(p)
+    if odd:
+        fail(f"data {path} is {odd}, not a file or directory written by collect_minigrid_data.py; fix --data")
     if p.is_dir():
         arrays = load_array_dir(p)
     elif not p.is_file():
@@ -315,6 +319,13 @@ def combine_shards(paths: list[Path], loaded: list[tuple[dict, dict, list]]) -> 
             fail(f"shard {p} has frames {list(a['obs'].shape[1:])} but {paths[0]} has {list(shape)}; a dataset's shards must match")
         if a["action"].shape[1:] != kind:
             fail(f"shard {p} has actions of shape {list(a['action'].shape[1:])} but {paths[0]} has {list(kind)}")
+    seen: dict[str, Path] = {}
+    for p, (a, _, _) in zip(paths, loaded, strict=True):
+        # a copied shard would put the same episodes in training and validation
+        key = hashlib.sha256(np.ascontiguousarray(a["action"]).tobytes() + a["obs"][0].tobytes() + a["obs"][-1].tobytes()).hexdigest()
+        if key in seen and len(a["obs"]) == len(loaded[paths.index(seen[key])][0]["obs"]):
+            fail(f"shards {seen[key]} and {p} hold the same episodes (a copy?); remove one")
+        seen[key] = p
     n_obs = [len(a["obs"]) for a, _, _ in loaded]
     n_term = [len(a["terminal_obs"]) for a, _, _ in loaded]
     total = sum(n_obs)

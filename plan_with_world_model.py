@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, odd_path, place_agent_randomly
+from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly
 from collect_minigrid_data import to_frames as collector_frames
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
@@ -41,6 +41,7 @@ from wm_common import (
     choose_device,
     fail,
     load_checkpoint,
+    odd_path,
     run_cli,
     seed_everything,
     write_json,

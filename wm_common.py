@@ -6,11 +6,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
 import signal
+import stat
 import sys
 import threading
 import time
@@ -196,6 +198,9 @@ def load_yaml_config(path: str, cfg_cls: type, aliases: dict[str, str], ignored:
     import yaml
 
     p = Path(path)
+    odd = odd_path(p)
+    if odd:
+        fail(f"config file {path} is {odd}, not a file")
     if not p.is_file():
         fail(f"config file {path} not found")
 
@@ -416,6 +421,26 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
+def odd_path(path: Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a directory (a FIFO, a
+    socket, a device, a symlink loop, a dangling symlink); None for a file, a directory or nothing.
+    Such paths must be named as what they are: is_file() and is_dir() both say False, which reads
+    as "not found", and opening a FIFO to read it blocks forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling symlink" if path.is_symlink() else None  # absent, or a parent is not a directory
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
 def check_writable_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     try:
@@ -447,6 +472,9 @@ def load_checkpoint(path: str | Path, *, arch: str | tuple[str, ...] | None = No
     p = Path(path)
     if p.is_dir():
         p = p / "model.pt"
+    odd = odd_path(p)
+    if odd:
+        fail(f"checkpoint {path} is {odd}, not a file; fix the path")
     if not p.is_file():
         fail(f"checkpoint {path} not found; train a model first (train_jepa.py) or fix the path")
     try:

@@ -195,3 +195,16 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path, tiny_npz, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 0.001\nbatch_size: 16\nlearning_rate: 0.1\n")
     assert_one_line_error_in_process("train_jepa", [*train(tiny_npz, tmp_path / "r"), "--config", cfg], capsys, "given twice")
+
+
+def test_a_fifo_is_named_as_one_wherever_a_file_is_read(tmp_path, tiny_npz, finished, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert_one_line_error_in_process("train_jepa", train(fifo, tmp_path / "r"), capsys, "is a FIFO")
+    assert_one_line_error_in_process("train_jepa", [*train(tiny_npz, tmp_path / "r"), "--config", fifo], capsys, "is a FIFO")
+    assert_one_line_error_in_process(
+        "inspect", ["--checkpoint", fifo, "--data", tiny_npz, "--out-dir", tmp_path / "i"], capsys, "is a FIFO"
+    )
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert_one_line_error_in_process("train_jepa", train(loop, tmp_path / "r"), capsys, "symlink loop")

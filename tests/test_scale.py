@@ -162,3 +162,14 @@ def test_shards_without_a_recorded_action_space_load(tmp_path):
         (part / "meta.json").write_text(json.dumps(meta))
     data = MiniGridTransitions(root)
     assert data.meta["shards"] == 2 and data.num_actions >= int(data.fields["action"].max()) + 1
+
+
+def test_a_copied_shard_is_refused(tmp_path):
+    """The same episodes twice would land in training and validation alike."""
+    root = tmp_path / "big"
+    collect(root / "a", episodes=2, max_steps=10)
+    shutil.copytree(root / "a", root / "a_copy")
+    assert_one_line_error(run("minigrid_dataset.py", root), "hold the same episodes")
+    collect(root / "b", seed=7, episodes=2, max_steps=10)
+    shutil.rmtree(root / "a_copy")
+    assert MiniGridTransitions(root).meta["shards"] == 2
