@@ -187,6 +187,10 @@ def parse_config(
     values: dict[str, Any] = {}
     if given.get("config"):
         values = load_yaml_config(given["config"], cfg_cls, aliases or {}, ignored)
+        # a flag that replaces another (--steps for the file's num_epochs) drops it from the file
+        for f in dataclasses.fields(cfg_cls):
+            if f.name in given and f.metadata.get("replaces") not in given:
+                values.pop(f.metadata.get("replaces"), None)
     values.update(given)
     return cfg_cls(**values)
 
@@ -1028,7 +1032,8 @@ class RunConfig:
 
     data: str = dataclasses.field(default="data/demo_empty8x8.npz", metadata={"help": "transitions .npz from collect_minigrid_data.py"})
     epochs: int | None = dataclasses.field(
-        default=None, metadata={"help": "total epochs (with --resume: train until this many; default: enough for --steps)"}
+        default=None,
+        metadata={"help": "total epochs (with --resume: train until this many; default: enough for --steps)", "replaces": "steps"},
     )
     batch_size: int = dataclasses.field(default=64, metadata={"help": "transitions per batch"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "AdamW learning rate"})
@@ -1065,7 +1070,10 @@ class RunConfig:
     )
     steps: int | None = dataclasses.field(
         default=None,
-        metadata={"help": f"budget in optimizer steps: the fewest whole epochs that reach it (default without --epochs: {DEFAULT_STEPS})"},
+        metadata={
+            "help": f"budget in optimizer steps: the fewest whole epochs that reach it (default without --epochs: {DEFAULT_STEPS})",
+            "replaces": "epochs",
+        },
     )
     unroll: int = dataclasses.field(
         default=1,

@@ -324,3 +324,14 @@ def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, mess
     proc = run("train_jepa.py", "--data", str(tiny_npz), "--out-dir", str(tmp_path / "r"), "--device", "cpu", *flags)
     assert_one_line_error(proc, message)
     assert not (tmp_path / "r").exists()
+
+
+def test_steps_on_the_command_line_replaces_the_config_files_epochs(tmp_path):
+    from train_jepa import TrainConfig
+    from wm_common import SEED000_ALIASES, parse_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("num_epochs: 3\nbatch_size: 16\n")
+    cfg = parse_config(TrainConfig, ["--config", str(cfg_file), "--steps", "100"], aliases=SEED000_ALIASES)
+    assert (cfg.epochs, cfg.steps, cfg.batch_size) == (None, 100, 16)
+    assert parse_config(TrainConfig, ["--config", str(cfg_file)], aliases=SEED000_ALIASES).epochs == 3
