@@ -335,3 +335,20 @@ def test_steps_on_the_command_line_replaces_the_config_files_epochs(tmp_path):
     cfg = parse_config(TrainConfig, ["--config", str(cfg_file), "--steps", "100"], aliases=SEED000_ALIASES)
     assert (cfg.epochs, cfg.steps, cfg.batch_size) == (None, 100, 16)
     assert parse_config(TrainConfig, ["--config", str(cfg_file)], aliases=SEED000_ALIASES).epochs == 3
+
+
+def test_encdec_change_weight_weighs_the_pixels_that_change():
+    torch.manual_seed(0)
+    model = ViTEncoderDecoder(
+        config=EncDecConfig(image_size=16, patch_size=8, latent_dim=16, mlp_dim=16, decoder_dim=16, change_weight=9.0)
+    )
+    seq = frames(2, 2, 16, 16, 3)
+    seq[:, 1, :8] = seq[:, 0, :8]  # the top half does not change
+    actions = torch.zeros(2, 1, dtype=torch.long)
+    loss, _ = model.loss(seq, actions)
+    pred = model.predict_frame(seq[:, 0], actions[:, 0])
+    true = seq[:, 1].permute(0, 3, 1, 2).float() / 255
+    weight = torch.ones(2, 1, 16, 16)
+    weight[..., 8:, :] = 10.0
+    weight[..., 8:, :][(seq[:, 1, 8:] == seq[:, 0, 8:]).all(-1)[:, None]] = 1.0
+    torch.testing.assert_close(loss, (weight * (pred - true).pow(2)).mean() / weight.mean())
