@@ -352,3 +352,26 @@ def test_encdec_change_weight_weighs_the_pixels_that_change():
     weight[..., 8:, :] = 10.0
     weight[..., 8:, :][(seq[:, 1, 8:] == seq[:, 0, 8:]).all(-1)[:, None]] = 1.0
     torch.testing.assert_close(loss, (weight * (pred - true).pow(2)).mean() / weight.mean())
+
+
+def test_agent_cell_prediction_reads_the_red_agent_on_its_next_cell():
+    from inspect_jepa_model import agent_cell_prediction
+
+    def board(cell=None, shape=((2, 2), (3, 2))):  # a 2x2 grid of 8 px cells; the agent a red block in one
+        f = torch.full((3, 16, 16), 0.2)
+        if cell is not None:
+            x, y = cell
+            f[0, y * 8 + 2 : y * 8 + 6, x * 8 + 2 : x * 8 + 6] = 1.0
+            f[1:, y * 8 + 2 : y * 8 + 6, x * 8 + 2 : x * 8 + 6] = 0.0
+        return f
+
+    true = torch.stack([board((1, 0)), board((1, 1))])
+    current = torch.stack([board((0, 0)), board((1, 1))])  # moved right; stayed (a bump into a wall)
+    cells = np.array([[1, 0], [1, 1]])
+    exact = agent_cell_prediction(true, current, true, cells, (2, 2))
+    assert exact["acc"] == 1.0 and exact["copy_baseline_acc"] == 0.5 and exact["num_transitions"] == 2
+    no_agent = agent_cell_prediction(torch.stack([board(), board()]), current, true, cells, (2, 2))
+    assert no_agent["acc"] == 0.0 and no_agent["mean_iou"] == 0.0
+    lava = torch.stack([board(), board()])
+    lava[:, 0], lava[:, 1] = 1.0, 0.5  # orange everywhere is not the agent
+    assert agent_cell_prediction(lava, current, true, cells, (2, 2))["acc"] == 0.0
