@@ -1233,7 +1233,12 @@ def _train_run(
                 f"--resume: the run trained on {resume_from['data_meta']['transitions']} transitions but {cfg.data} now holds "
                 f"{len(data)}; resume on the same data or start a new run"
             )
-        model = build_model(resume_from["model_config"] if resume_from else None, data)
+        try:
+            model = build_model(resume_from["model_config"] if resume_from else None, data)
+        except (RuntimeError, MemoryError) as e:  # a huge --latent-dim etc.: torch's allocator refuses
+            if "alloc" not in str(e) and not isinstance(e, MemoryError):
+                raise
+            fail(f"the model does not fit in memory ({write_error(e)[:80]}...); choose smaller sizes (e.g. --latent-dim)")
         check_data_fits_model(model.model_config(), data, "the checkpoint's model")
         if getattr(model, "can_collapse", False) and cfg.batch_size < 2:
             fail(f"--batch-size {cfg.batch_size}: a JEPA's VICReg terms are statistics over the batch and need at least 2 samples")

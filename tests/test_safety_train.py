@@ -208,3 +208,10 @@ def test_a_fifo_is_named_as_one_wherever_a_file_is_read(tmp_path, tiny_npz, fini
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     assert_one_line_error_in_process("train_jepa", train(loop, tmp_path / "r"), capsys, "symlink loop")
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, tiny_npz, capsys):
+    assert_one_line_error_in_process(
+        "train_jepa", [*train(tiny_npz, tmp_path / "r"), "--latent-dim", "1000000000"], capsys, "does not fit in memory"
+    )
+    assert not (tmp_path / "r").exists()
