@@ -75,7 +75,11 @@ def train_and_inspect(cfg: AblationConfig, name: str, seed: int) -> dict[str, An
     run = Path(cfg.out_dir) / slug(name) / f"seed{seed}"
     done = run / "metrics.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        saved = json.loads(done.read_text())
+        # JSON keys are strings: the horizons come back as the ints a fresh run has
+        for key in ("rollout_error", "copy_baseline_error", "predicted_cell_probe"):
+            saved[key] = {int(h): v for h, v in saved[key].items()}
+        return saved
     base = (
         load_yaml_config(
             cfg.config, train_jepa.TrainConfig, train_jepa.SEED000_ALIASES, train_jepa.SEED000_COLLECTION_KEYS + train_jepa.ENCDEC_KEYS

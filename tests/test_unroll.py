@@ -375,3 +375,32 @@ def test_agent_cell_prediction_reads_the_red_agent_on_its_next_cell():
     lava = torch.stack([board(), board()])
     lava[:, 0], lava[:, 1] = 1.0, 0.5  # orange everywhere is not the agent
     assert agent_cell_prediction(lava, current, true, cells, (2, 2))["acc"] == 0.0
+
+
+def test_ablation_trains_each_variant_once_and_writes_the_table(tmp_path, tiny_npz):
+    import ablation
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ablation.MARKERS[0]}\nold table\n{ablation.MARKERS[1]}\nend\n")
+    cfg = ablation.AblationConfig(
+        data=str(tiny_npz),
+        out_dir=str(tmp_path / "abl"),
+        steps=4,
+        variants=["default", "one-step (--unroll 1)"],
+        device="cpu",
+        readme=str(readme),
+        config=str(tmp_path / "small.yaml"),
+    )
+    (tmp_path / "small.yaml").write_text("latent_dim: 16\nbatch_size: 16\n")
+    first = ablation.main(cfg)
+    runs = first["variants"]
+    assert set(runs) == {"default", "one-step (--unroll 1)"}
+    assert runs["one-step (--unroll 1)"][0]["flags"]["unroll"] == 1
+    for (r,) in runs.values():
+        assert set(r["rollout_error"]) == {1, 5, 10} and np.isfinite(r["copy_baseline_error"][1])
+    text = readme.read_text()
+    assert "old table" not in text and "| one-step (--unroll 1) |" in text and text.endswith("end\n")
+    # a second call reads the finished runs back instead of training them again
+    stamp = (tmp_path / "abl" / "default" / "seed0" / "model" / "model.pt").stat().st_mtime_ns
+    assert ablation.main(cfg)["variants"] == runs
+    assert (tmp_path / "abl" / "default" / "seed0" / "model" / "model.pt").stat().st_mtime_ns == stamp
