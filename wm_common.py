@@ -586,6 +586,28 @@ def smoothness_loss(z: torch.Tensor) -> torch.Tensor:
     return (z[:, 1:] - z[:, :-1]).pow(2).mean()
 
 
+def add_dynamics_terms(
+    loss: torch.Tensor, terms: dict, *, z: torch.Tensor, actions: torch.Tensor, model: nn.Module, config: Any
+) -> torch.Tensor:
+    """The JEPAs' optional terms on their online latents z [B,T+1,D] (T >= 1): inverse dynamics
+    over the T steps z holds and temporal smoothness, each weighted, added to `loss` and logged
+    in `terms` (whose names `jepa_term_names` lists)."""
+    if config.idm_coeff > 0:
+        idm = inverse_dynamics_loss(model.inverse, z, actions[:, : z.shape[1] - 1], config.continuous_actions)
+        loss = loss + config.idm_coeff * idm
+        terms["idm_loss"] = idm.detach()
+    if config.smooth_coeff > 0:
+        smooth = smoothness_loss(z)
+        loss = loss + config.smooth_coeff * smooth
+        terms["smooth_loss"] = smooth.detach()
+    return loss
+
+
+def jepa_term_names(config: Any) -> list[str]:
+    """The loss terms a JEPA's `loss` reports, in the order metrics.csv logs them."""
+    return ["pred_loss", "std_loss", "cov_loss"] + ["idm_loss"] * (config.idm_coeff > 0) + ["smooth_loss"] * (config.smooth_coeff > 0)
+
+
 def latent_rollout(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Open loop: z [B,D], actions [B,T] -> predicted latents [B,T,D] for steps 1..T, each
     prediction fed back as the next input."""

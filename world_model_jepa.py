@@ -31,15 +31,15 @@ import torch.nn.functional as F
 
 from wm_common import (
     action_embedding,
+    add_dynamics_terms,
     ema_update,
     flat_steps,
     frames_to_float,
     gather_batch,
     inverse_dynamics_head,
-    inverse_dynamics_loss,
+    jepa_term_names,
     latent_rollout,
     normalized_mse,
-    smoothness_loss,
     vicreg_cov_loss,
     vicreg_std_loss,
 )
@@ -197,20 +197,10 @@ class JEPAWorldModel(nn.Module):
             loss = loss + cfg.std_coeff * std_loss + cfg.cov_coeff * cov_loss
         # The VICReg terms are logged under reg="none" too: there they show the collapse.
         terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
-        if cfg.idm_coeff > 0:
-            idm_loss = inverse_dynamics_loss(self.inverse, z, actions[:, : z.shape[1] - 1], cfg.continuous_actions)
-            loss = loss + cfg.idm_coeff * idm_loss
-            terms["idm_loss"] = idm_loss.detach()
-        if cfg.smooth_coeff > 0:
-            smooth = smoothness_loss(z)
-            loss = loss + cfg.smooth_coeff * smooth
-            terms["smooth_loss"] = smooth.detach()
-        return loss, terms
+        return add_dynamics_terms(loss, terms, z=z, actions=actions, model=self, config=cfg), terms
 
     def term_names(self) -> list[str]:
-        """The loss terms `loss` reports, in the order metrics.csv logs them."""
-        c = self.config
-        return ["pred_loss", "std_loss", "cov_loss"] + ["idm_loss"] * (c.idm_coeff > 0) + ["smooth_loss"] * (c.smooth_coeff > 0)
+        return jepa_term_names(self.config)
 
     def update_target(self) -> None:
         ema_update(self.target_encoder, self.encoder, self.config.ema_decay)

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 from wm_common import (
     action_embedding,
+    add_dynamics_terms,
     ema_update,
     flat_steps,
     frames_to_float,
     gather_batch,
     inverse_dynamics_head,
-    inverse_dynamics_loss,
+    jepa_term_names,
     latent_rollout,
-    smoothness_loss,
     vicreg_cov_loss,
     vicreg_std_loss,
 )
@@ -257,19 +257,10 @@ class ViTJEPA(nn.Module):
         cov_loss = 2 * torch.stack([vicreg_cov_loss(z) for z in per_frame]).mean()
         loss = c.vicreg_sim_coeff * pred_loss + c.vicreg_std_coeff * std_loss + c.vicreg_cov_coeff * cov_loss
         terms = {"pred_loss": pred_loss.detach(), "std_loss": std_loss.detach(), "cov_loss": cov_loss.detach()}
-        if c.idm_coeff > 0:
-            idm_loss = inverse_dynamics_loss(self.inverse, online, actions, c.continuous_actions)
-            loss = loss + c.idm_coeff * idm_loss
-            terms["idm_loss"] = idm_loss.detach()
-        if c.smooth_coeff > 0:
-            smooth = smoothness_loss(online)
-            loss = loss + c.smooth_coeff * smooth
-            terms["smooth_loss"] = smooth.detach()
-        return loss, terms
+        return add_dynamics_terms(loss, terms, z=online, actions=actions, model=self, config=c), terms
 
     def term_names(self) -> list[str]:
-        c = self.config
-        return ["pred_loss", "std_loss", "cov_loss"] + ["idm_loss"] * (c.idm_coeff > 0) + ["smooth_loss"] * (c.smooth_coeff > 0)
+        return jepa_term_names(self.config)
 
     def update_target(self) -> None:
         ema_update(self.target_encoder, self.encoder, self.config.ema_decay)
