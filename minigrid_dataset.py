@@ -11,6 +11,7 @@ episodes are recovered from `done`.
 
 import hashlib
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,6 +545,12 @@ def make_loaders(
     rank evaluates all of it). With unroll 1 the windows are the transitions, in the same order."""
     if unroll < 1:
         fail(f"--unroll must be at least 1 (1: one-step training), got {unroll}")
+    longest = int(np.unique(data.episode, return_counts=True)[1].max())
+    if unroll > longest:
+        fail(f"--unroll {unroll} is longer than the longest episode ({longest} transitions); a window stays inside one episode")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_workers > 4 * cores:
+        fail(f"--num-workers {num_workers}: more than 4 per CPU core ({4 * cores} here) only costs memory; use 0 to {4 * cores}")
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:

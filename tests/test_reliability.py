@@ -397,7 +397,7 @@ CASES = [
     case(
         "dataset_smaller_than_one_batch",
         "train_jepa",
-        lambda w, t: train(w, t, small_collection(t, episodes=3, max_steps=3)),
+        lambda w, t: train(w, t, small_collection(t, episodes=3, max_steps=3), "--unroll", "1"),
         "fewer than --batch-size 16",
     ),
     case(

@@ -86,8 +86,11 @@ def test_bad_unroll_is_a_user_error(tiny_npz):
     data = MiniGridTransitions(tiny_npz)
     with pytest.raises(UserError, match="--unroll must be at least 1"):
         make_loaders(data, batch_size=8, unroll=0)
-    with pytest.raises(UserError, match="windows of 500 consecutive steps"):
+    with pytest.raises(UserError, match="--unroll 500 is longer than the longest episode"):
         make_loaders(data, batch_size=8, unroll=500)
+    # episodes long enough, but too few windows for one batch
+    with pytest.raises(UserError, match="windows of 30 consecutive steps, fewer than --batch-size 64"):
+        make_loaders(data, batch_size=64, unroll=30)
 
 
 # ----------------------------------------------------------------------------- CNN JEPA objective
@@ -317,6 +320,10 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--smooth-coeff", "-1"], "--smooth-coeff must be a finite weight"),
         (["--steps", "-5"], "--steps must be at least 1"),
         (["--steps", "100", "--epochs", "2"], "not both"),
+        (["--unroll", "1000000000000"], "longer than the longest episode"),
+        (["--num-workers", "1000000000000"], "more than 4 per CPU core"),
+        (["--action-emb-dim", "-1"], "--action-emb-dim must be at least 1"),
+        (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be at least 1"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
     ],
 )
