@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import stat
 import sys
@@ -1175,6 +1176,19 @@ def run_lock(out: Path) -> Iterator[None]:
         yield
 
 
+def remove_stale_temp_files(out: Path) -> None:
+    """Deletes what a killed run left of its atomic writes in its run directory
+    (`.<name>.tmp<pid><suffix>`, see atomic_write). Called under the run's lock: no other trainer
+    is writing here, so every such file is stale."""
+    if not out.is_dir():
+        return
+    stale = [p for p in out.iterdir() if p.is_file() and not p.is_symlink() and re.fullmatch(r"\..+\.tmp\d+(\.\w+)?", p.name)]
+    for p in stale:
+        p.unlink()
+    if stale:
+        say(f"note: removed {len(stale)} temporary file(s) an interrupted run left in {printable(out)}: {', '.join(p.name for p in stale)}")
+
+
 def run_training(
     cfg: Any,
     *,
@@ -1280,6 +1294,7 @@ def _train_run(
         if rank() == 0:
             check_out_dir_apart_from_data(out, cfg.data)
             hold.enter_context(run_lock(out))
+            remove_stale_temp_files(out)
             if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):  # a run that ended while this one started
                 fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
             if ckpt_path.exists() and not cfg.resume:

@@ -215,3 +215,14 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, tiny_npz, capsys):
         "train_jepa", [*train(tiny_npz, tmp_path / "r"), "--latent-dim", "1000000000"], capsys, "does not fit in memory"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_temp_files_a_killed_run_left_are_removed_by_the_next_run(finished, tmp_path, tiny_npz):
+    out = copy_run(finished, tmp_path)
+    left = [out / ".model.pt.tmp99999999.pt", out / ".metrics.csv.tmp123.csv"]
+    for p in left:
+        p.write_bytes(b"half a file")
+    mine = out / "notes.tmp1.txt"  # not the trainer's naming: left alone
+    mine.write_text("mine")
+    assert call("train_jepa", [*train(tiny_npz, out, "--resume"), "--epochs", "2"]) == 0
+    assert not any(p.exists() for p in left) and mine.read_text() == "mine"
