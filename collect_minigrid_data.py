@@ -40,6 +40,7 @@ from wm_common import (
     atomic_write,
     check_seed,
     check_writable_dir,
+    cpu_cores,
     fail,
     odd_path,
     run_cli,
@@ -673,7 +674,7 @@ def check_flags(cfg: CollectConfig) -> None:
         fail(f"--image-size {cfg.image_size} is out of range; use 8 to {MAX_IMAGE_SIZE} (64 is the default)")
     if cfg.frame_skip < 1:
         fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if not 1 <= cfg.num_envs <= WORKERS_PER_CORE * cores:
         fail(
             f"--num-envs must be from 1 to {WORKERS_PER_CORE * cores} ({WORKERS_PER_CORE} per CPU core here; each worker is a "

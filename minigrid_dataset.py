@@ -11,7 +11,6 @@ episodes are recovered from `done`.
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wm_common import fail, odd_path, run_cli
+from wm_common import cpu_cores, fail, odd_path, run_cli
 
 LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
 PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
@@ -548,7 +547,7 @@ def make_loaders(
     longest = int(np.unique(data.episode, return_counts=True)[1].max())
     if unroll > longest:
         fail(f"--unroll {unroll} is longer than the longest episode ({longest} transitions); a window stays inside one episode")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if num_workers > 4 * cores:
         fail(f"--num-workers {num_workers}: more than 4 per CPU core ({4 * cores} here) only costs memory; use 0 to {4 * cores}")
     if batch_size < 1:

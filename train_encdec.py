@@ -22,6 +22,7 @@ from wm_common import (
     SEED000_COLLECTION_KEYS,
     RunConfig,
     atomic_write,
+    check_sizes,
     choose_device,
     fail,
     load_checkpoint,
@@ -115,9 +116,7 @@ def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
     if not (cfg.change_weight >= 0 and math.isfinite(cfg.change_weight)):
         fail(f"--change-weight must be a finite weight >= 0 (0: plain MSE), got {cfg.change_weight}")
-    for size in ("latent_dim", "action_emb_dim", "decoder_dim", "num_decoder_layers", "mlp_dim", "num_heads", "num_encoder_layers"):
-        if getattr(cfg, size) < 1:
-            fail(f"--{size.replace('_', '-')} must be at least 1, got {getattr(cfg, size)}")
+    check_sizes(cfg, ("latent_dim", "action_emb_dim", "decoder_dim", "num_decoder_layers", "mlp_dim", "num_heads", "num_encoder_layers"))
     summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg))
     if rank() == 0:
         out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, fail, run_cli, run_training
+from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, check_sizes, fail, run_cli, run_training
 from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel
 from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
 
@@ -145,9 +145,7 @@ def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or f"checkpoints/jepa_{cfg.arch}"
-    for size in ("latent_dim", "action_emb_dim", "jepa_predictor_hidden_dim", "mlp_dim", "num_heads", "num_encoder_layers"):
-        if getattr(cfg, size) < 1:
-            fail(f"--{size.replace('_', '-')} must be at least 1, got {getattr(cfg, size)}")
+    check_sizes(cfg, ("latent_dim", "action_emb_dim", "jepa_predictor_hidden_dim", "mlp_dim", "num_heads", "num_encoder_layers"))
     if not 0 <= cfg.ema_decay <= 1:
         fail(f"--ema-decay must be between 0 and 1 (the target keeps this share of itself each step), got {cfg.ema_decay}")
     for flag, value in (("idm_coeff", cfg.idm_coeff), ("smooth_coeff", cfg.smooth_coeff), *coeffs(cfg).items()):

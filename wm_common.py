@@ -83,6 +83,18 @@ def fail(message: str) -> typing.NoReturn:
     raise UserError(message)
 
 
+def check_sizes(cfg: Any, names: tuple[str, ...]) -> None:
+    """Model sizes (widths, depths, heads) given as flags: each a whole number of at least 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         # One line, like every other user error, instead of argparse's usage block.
