@@ -20,6 +20,7 @@ instead of drifting over long rollouts.
 """
 
 import itertools
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ MAX_IMAGINED_FRAMES = 10_000
 # number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
 # for a JEPA's latents.
 PLAN_BATCH = 1024
+# settings each planner does not read (a value given for one is a note, not silently dropped)
+UNUSED_BY = {
+    "exhaustive": ("samples", "iterations", "elites", "merge", "max_nodes"),
+    "cem": ("merge", "max_nodes"),
+    "imagined": ("horizon", "cost", "aggregate", "samples", "iterations", "elites", "graph_data"),
+}
 
 
 @dataclass
@@ -72,7 +79,14 @@ class PlanConfig:
         default=1000, metadata={"help": "episode e resets with seed+e (default 1000: seeds the collector's default did not use)"}
     )
     out_dir: str = field(default="planning", metadata={"help": "where plan.json and plan.png go"})
-    planner: str = field(default="exhaustive", metadata={"help": "search over action sequences", "choices": ["exhaustive", "cem"]})
+    planner: str = field(
+        default="exhaustive",
+        metadata={
+            "help": "exhaustive / cem: search over action sequences scored by --cost; imagined: breadth-first search over the "
+            "model's own imagined states from the current frame (no dataset frames: works on unseen layouts)",
+            "choices": ["exhaustive", "cem", "imagined"],
+        },
+    )
     horizon: int = field(default=3, metadata={"help": "imagined steps per plan"})
     cost: str = field(
         default="graph",
@@ -87,6 +101,11 @@ class PlanConfig:
     samples: int = field(default=256, metadata={"help": "cem: sequences sampled per iteration"})
     iterations: int = field(default=4, metadata={"help": "cem: refits of the sampling distribution"})
     elites: int = field(default=32, metadata={"help": "cem: best sequences the distribution is refitted to"})
+    merge: float = field(
+        default=0.25,
+        metadata={"help": "imagined: two imagined states are one when closer than this share of a one-step distance"},
+    )
+    max_nodes: int = field(default=3000, metadata={"help": "imagined: most states one search imagines"})
     start: str = field(
         default="random",
         metadata={"help": "env: the env's own start; random: a random empty cell and direction", "choices": ["env", "random"]},
@@ -239,6 +258,63 @@ class LatentGraph:
         return hits / total if total else None
 
 
+class ImaginedGraph:
+    """A map drawn by the model alone, from the current frame: breadth-first, every known state is
+    stepped by every action, and a prediction within `merge` of a known state is that state
+    (re-identification, as PPGS does), else a new node. Merging re-grounds imagination on the
+    state it first reached, so long paths do not drift; and the cost becomes the number of steps
+    through the imagined map, which follows walls and gaps where latent distance cuts through
+    them. No dataset frame is needed: this plans on layouts the model never saw.
+
+    The merge radius is relative: `merge` times the largest squared distance from the current
+    state to one of its imagined successors (one real step), so it needs no tuning per model."""
+
+    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
+        self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
+        self.nodes = 0
+
+    @torch.no_grad()
+    def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """frame [1,H,W,C], goal vectors [G,F] -> (action indices of the shortest imagined path to
+        the node nearest the goal, the vectors [len(path),F] the path should meet)."""
+        im, n_actions = self.imagination, len(self.actions)
+        states, vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
+        parent, via = [-1], [-1]
+        radius = None
+        goal_dist = im.distance(vectors, goal).min(1).values  # [nodes]
+        frontier = torch.zeros(1, dtype=torch.long)
+        while len(frontier) and len(parent) < self.max_nodes:
+            # every frontier state x every action, one batch: [F*A,...]
+            nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
+            vec = im.embed(nxt)
+            if radius is None:
+                radius = self.merge * float(im.distance(vectors, vec).max())
+            known = im.distance(vec, vectors).min(1).values <= radius
+            fresh = []
+            for i in (~known).nonzero().flatten().tolist():
+                if fresh and float(im.distance(vec[i : i + 1], vec[fresh]).min()) <= radius:
+                    continue  # the same new state reached twice in this level
+                fresh.append(i)
+                parent.append(int(frontier[i // n_actions]))
+                via.append(i % n_actions)
+            if not fresh:
+                break
+            first = len(vectors)
+            states, vectors = torch.cat([states, nxt[fresh]]), torch.cat([vectors, vec[fresh]])
+            goal_dist = torch.cat([goal_dist, im.distance(vec[fresh], goal).min(1).values])
+            frontier = torch.arange(first, len(vectors))
+            if float(goal_dist[first:].min()) <= radius:
+                break  # breadth-first: no shorter imagined path to the goal exists
+        self.nodes = len(parent)
+        node = int(goal_dist.argmin())
+        path = []
+        while parent[node] != -1:
+            path.append(node)
+            node = parent[node]
+        path.reverse()
+        return [via[n] for n in path], vectors[path]
+
+
 class Planner:
     """Receding-horizon search over discrete action sequences, every candidate imagined in one
     batch per step."""
@@ -249,6 +325,7 @@ class Planner:
         self.generator = torch.Generator().manual_seed(seed)
         if cfg.planner == "exhaustive":
             self.all_sequences = torch.tensor(list(itertools.product(range(len(actions)), repeat=cfg.horizon)))  # [A^H,H]
+        self.imagined = ImaginedGraph(imagination, actions, cfg.merge, cfg.max_nodes) if cfg.planner == "imagined" else None
 
     def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
@@ -289,6 +366,14 @@ class Planner:
         return latent, graph
 
     def act(self, frame: torch.Tensor) -> int:
+        if self.imagined is not None:
+            path, _ = self.imagined.search(frame, self.goal)
+            if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
+                im = self.imagination
+                start = im.start(frame)
+                nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
+                path = [int(im.distance(nxt, self.goal).min(1).values.argmin())]
+            return int(self.actions[path[0]])
         if self.cfg.planner == "exhaustive":
             seqs = self.all_sequences
             best = seqs[self.scores(frame, seqs).argmin()]
@@ -452,6 +537,44 @@ def run_episode(
     }
 
 
+# layouts of the training data compared grid by grid with the evaluation's (a reset is ~1 ms)
+MAX_LAYOUTS_COMPARED = 5000
+
+
+def layout_key(env, seed: int) -> bytes:
+    """The layout a reset with `seed` draws: the grid's cells, without the agent."""
+    env.reset(seed=seed)
+    return env.unwrapped.grid.encode().tobytes()
+
+
+def evaluated_layouts(env, env_id: str, meta: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Were the evaluation's layouts in the training data? Compared as drawn, grid by grid, not by
+    seed: an env such as Empty-8x8 draws one room whatever the seed."""
+    trained_env, config = meta.get("env"), meta.get("config") or {}
+    first, count = meta.get("seed"), meta.get("episodes")
+    report: dict[str, Any] = {"env": env_id, "layout_seeds": [min(seeds), max(seeds)], "layouts": len(set(seeds))}
+    if trained_env != env_id:
+        report.update(seen_in_training=None, summary=f"another env than training's ({trained_env})")
+        return report
+    if not (isinstance(first, int) and isinstance(count, int)):
+        report.update(seen_in_training=None, summary="unknown: the training data does not record its reset seeds")
+        return report
+    train_seeds = [first] if config.get("fixed_layout") or meta.get("fixed_layout") else range(first, first + count)
+    compared = list(train_seeds)[:MAX_LAYOUTS_COMPARED]
+    trained = {layout_key(env, s) for s in compared}
+    seen = sum(layout_key(env, s) in trained for s in sorted(set(seeds)))
+    scope = f"{len(trained)} distinct layouts from reset seeds {compared[0]}..{compared[-1]}"
+    if len(compared) < len(train_seeds):
+        scope += f" (the first {MAX_LAYOUTS_COMPARED} of {len(train_seeds)} compared)"
+    verdict = "none of them in training" if seen == 0 else f"{seen} of them drawn identically in training"
+    report.update(
+        seen_in_training=seen,
+        training_layouts=len(trained),
+        summary=f"{report['layouts']} layouts (reset seeds {min(seeds)}..{max(seeds)}), {verdict}; training had {scope}",
+    )
+    return report
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     """Rank correlation (ties get their average rank); None when undefined."""
 
@@ -540,7 +663,13 @@ def check_budget(cfg: PlanConfig, n_actions: int, frames: bool) -> None:
     MAX_IMAGINED): an exhaustive horizon grows them exponentially."""
     limit = MAX_IMAGINED_FRAMES if frames else MAX_IMAGINED
     which = " for a model that imagines whole frames" if frames else ""
-    if cfg.planner == "exhaustive":
+    if cfg.planner == "imagined":
+        if cfg.max_nodes * n_actions > limit:
+            fail(
+                f"--max-nodes {cfg.max_nodes} x {n_actions} actions imagined states per action are above the limit of {limit:,}{which} "
+                f"(memory and time); use --max-nodes {limit // n_actions} at most"
+            )
+    elif cfg.planner == "exhaustive":
         # n ** horizon for a horizon of 10**30 would take forever to compute: past 64 steps the count is far off anyway
         states = n_actions ** min(cfg.horizon, 64) * cfg.horizon
         if states > limit:
@@ -562,9 +691,11 @@ def _fmt(v: float | None) -> str:
 
 
 def main(cfg: PlanConfig) -> dict[str, Any]:
-    for name in ("episodes", "horizon", "samples", "iterations", "elites"):
+    for name in ("episodes", "horizon", "samples", "iterations", "elites", "max_nodes"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 < cfg.merge < 1:
+        fail(f"--merge must be between 0 and 1 (a share of one step's distance), got {cfg.merge}")
     if cfg.elites > cfg.samples:
         fail(f"--elites ({cfg.elites}) cannot exceed --samples ({cfg.samples})")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -592,9 +723,17 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
             f"--max-steps {cfg.max_steps} is above {env_id}'s own limit of {env.unwrapped.max_steps} steps, where every episode "
             f"ends anyway; use at most {env.unwrapped.max_steps} or leave --max-steps out"
         )
-    check_budget(cfg, len(actions), frames=ckpt["arch"] == "encdec_vit" and cfg.cost == "latent")
+    check_budget(cfg, len(actions), frames=ckpt["arch"] == "encdec_vit" and (cfg.cost == "latent" or cfg.planner == "imagined"))
+    # the imagined search's cost is its own: steps through the map it imagines
+    cost = "imagined_steps" if cfg.planner == "imagined" else cfg.cost
     if cfg.env and meta.get("env") and cfg.env != meta["env"]:
         print(f"note: planning on {cfg.env} with a model trained on data from {meta['env']}")
+    unused = [f"--{name.replace('_', '-')}" for name in UNUSED_BY[cfg.planner] if getattr(cfg, name) != getattr(PlanConfig(), name)]
+    if unused:
+        print(
+            f"note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by --planner {cfg.planner} (ignored)",
+            file=sys.stderr,
+        )
     out = check_writable_dir(cfg.out_dir, "--out-dir")
     seed_everything(cfg.seed)
     device = choose_device(cfg.device)
@@ -602,7 +741,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     imagination = Imagination(model, ckpt["arch"], device)
 
     graph, graph_report = None, None
-    if cfg.cost == "graph":
+    if cost == "graph":
         data_path = cfg.graph_data or meta.get("path") or fail("the checkpoint does not record its data; pass --graph-data")
         data = MiniGridTransitions(data_path)
         if list(data.frame_shape) != list(sample.shape[1:]):
@@ -641,7 +780,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         "arch": ckpt["arch"],
         "planner": cfg.planner,
         "horizon": cfg.horizon,
-        "cost": cfg.cost,
+        "cost": cost,
         "aggregate": cfg.aggregate,
         "start": cfg.start,
         "episodes": cfg.episodes,
@@ -651,6 +790,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         "oracle_mean_steps": float(np.mean(oracle)) if oracle else None,
         "seconds_per_episode": float(np.mean([r["seconds"] for r in planned])),
         "graph": graph_report,
+        "trained_on": {k: meta.get(k) for k in ("path", "env", "seed", "episodes", "start", "fixed_layout")},
+        "evaluated_on": evaluated_layouts(env, env_id, meta, [episode_seed(cfg, e) for e in range(cfg.episodes)]),
         "diagnostics": diagnose(planned),
         "config": {k: getattr(cfg, k) for k in ("samples", "iterations", "elites", "seed", "fixed_layout", "goal_obs")},
         "per_episode": [{k: v for k, v in r.items() if k != "trace"} for r in planned],
@@ -662,12 +803,13 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     env.close()
     ratio = report["steps_over_oracle"]
     print(
-        f"{env_id}, {ckpt['arch']} + {cfg.planner} H={cfg.horizon} cost={cfg.cost}/{cfg.aggregate}, {cfg.start} starts: "
+        f"{env_id}, {ckpt['arch']} + {cfg.planner} H={cfg.horizon} cost={cost}/{cfg.aggregate}, {cfg.start} starts: "
         f"success {report['success_rate']:.2f} (random policy {report['random_success_rate']:.2f}), mean steps "
         f"{report['mean_steps'] if report['mean_steps'] is None else round(report['mean_steps'], 1)} vs oracle "
         f"{report['oracle_mean_steps']:.1f} ({'n/a' if ratio is None else f'{ratio:.2f}x'} on successes), "
         f"{report['seconds_per_episode']:.2f} s per episode"
     )
+    print(f"evaluated on {report['evaluated_on']['summary']}")
     d = report["diagnostics"]
     print(
         f"does the cost track the true distance? rank correlation with the oracle's steps over {d['states']} visited states: "

@@ -30,7 +30,7 @@ from wm_common import (
     run_cli,
     run_training,
 )
-from world_model_vit import EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
+from world_model_vit import DECODERS, EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
 
 # config.yaml keys that configure the JEPA, not this model
 JEPA_KEYS = ("jepa_predictor_hidden_dim", "ema_decay", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff")
@@ -47,6 +47,13 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     )
     change_weight: float = field(
         default=0.0, metadata={"help": "pixels that change from s_t to s_t+1 weigh 1 + this in the loss (0: plain MSE, seed 000)"}
+    )
+    decoder: str = field(
+        default="cross",
+        metadata={
+            "help": "cross: learned queries cross-attend to the patch tokens (seed 000); tokens: self-attention over them",
+            "choices": DECODERS,
+        },
     )
     unroll: int = field(default=1, metadata={"help": "train on K-step windows, each predicted frame fed back (1: one-step)"})
 
@@ -65,6 +72,7 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig)
             num_decoder_layers=cfg.num_decoder_layers,
             residual=cfg.residual,
             change_weight=cfg.change_weight,
+            decoder=cfg.decoder,
         )
     if config.decoder_dim % config.num_heads:
         fail(f"decoder_dim {config.decoder_dim} is not divisible by num_heads {config.num_heads}")

@@ -12,11 +12,12 @@ its own.
 """
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, check_sizes, fail, run_cli, run_training
-from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel
+from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, check_sizes, fail, rank, run_cli, run_training
+from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel, feature_map_shape
 from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
 
 # Loss weights when not given: the CNN's prediction loss is seed 003's normalised MSE (tiny
@@ -62,6 +63,13 @@ class TrainConfig(ViTArgs, RunConfig):
             "choices": list(PRED_LOSSES),
         },
     )
+    spatial: bool = field(
+        default=False,
+        metadata={
+            "help": "cnn: the latent is the encoder's feature map (one position per 8 px, a MiniGrid cell at tile 8) and the "
+            "predictor convolutional, the action tiled over the map: generalises to unseen layouts (--latent-dim is then the map's size)"
+        },
+    )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
@@ -75,6 +83,30 @@ class TrainConfig(ViTArgs, RunConfig):
 
 
 ENCDEC_KEYS = ("decoder_dim", "num_decoder_layers")  # config.yaml keys for train_encdec.py
+
+# Settings that only one architecture reads. The shared config.yaml carries the ViT's, so a
+# value for the other architecture is a note, not an error; it is never silently dropped.
+ONLY_FOR = {
+    "vit": (
+        "image_size",
+        "input_channels",
+        "patch_size",
+        "num_heads",
+        "num_encoder_layers",
+        "mlp_dim",
+        "jepa_predictor_hidden_dim",
+        "predictor",
+        "arrangement",
+    ),
+    "cnn": ("vc_all_steps", "pred_loss", "spatial"),
+}
+
+
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """The other architecture's settings that differ from their defaults (so were given)."""
+    other = "vit" if cfg.arch == "cnn" else "cnn"
+    defaults = TrainConfig()
+    return [name for name in ONLY_FOR[other] if getattr(cfg, name) != getattr(defaults, name)]
 
 
 def coeffs(cfg: TrainConfig) -> dict[str, float]:
@@ -100,13 +132,22 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
     return model
 
 
+# the spatial model's map is small per position; its conv predictor's width, measured cheap enough
+SPATIAL_CHANNELS, SPATIAL_HIDDEN = [32, 64, 16], 64
+
+
 def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
     c = coeffs(cfg)
+    shape = list(data.frame_shape)
+    if cfg.spatial:
+        m = feature_map_shape(shape, SPATIAL_CHANNELS)
+        spatial = dict(spatial=True, channels=SPATIAL_CHANNELS, predictor_hidden_dim=SPATIAL_HIDDEN, latent_dim=m[0] * m[1] * m[2])
+    else:
+        spatial = dict(latent_dim=cfg.latent_dim)
     return JEPAConfig(
-        obs_shape=list(data.frame_shape),
+        obs_shape=shape,
         num_actions=data.num_actions,
         continuous_actions=data.continuous_actions,
-        latent_dim=cfg.latent_dim,
         action_emb_dim=cfg.action_emb_dim,
         ema_decay=cfg.ema_decay,
         pixel_scale=10.0 if data.meta.get("obs_mode") == "symbolic" else 255.0,
@@ -116,6 +157,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         cov_coeff=c["cov"],
         vc_all_steps=cfg.vc_all_steps,
         pred_loss=cfg.pred_loss,
+        **spatial,
         **objective(cfg),
     )
 
@@ -156,6 +198,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         fail("--sim-coeff 0 leaves the predictor untrained; the prediction loss needs a positive weight")
     if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":
         fail("--target online needs --arrangement common (in seed 000's arrangement the EMA encoder encodes s_t)")
+    unused = unused_settings(cfg)
+    if unused and rank() == 0:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        print(f"note: {flags} {'is' if len(unused) == 1 else 'are'} not used by --arch {cfg.arch} (ignored)", file=sys.stderr)
     return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg))
 
 

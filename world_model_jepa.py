@@ -69,6 +69,7 @@ class JEPAConfig:
     vc_all_steps: bool = False  # VICReg terms on the latents of every frame of the window, not only obs_t
     residual: bool = False  # the predictor outputs z + delta (copying is where it starts)
     pred_loss: str = "normalized"  # seed 003's MSE of unit vectors, or "mse" of the raw latents (norm included)
+    spatial: bool = False  # the latent is the encoder's feature map (latent_dim = its size), the predictor convolutional
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
@@ -79,12 +80,22 @@ class JEPAConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
 
+def feature_map_shape(obs_shape: list[int], channels: list[int]) -> tuple[int, int, int]:
+    """(c, h, w) of CNNEncoder's feature map: each conv halves a side of 16 px or more."""
+    h, w, _ = obs_shape
+    for _ in channels:
+        if min(h, w) >= 16:
+            h, w = h // 2, w // 2
+    return channels[-1], h, w
+
+
 class CNNEncoder(nn.Module):
     """Frames -> latent vector. Stride-2 convs halve the image while it is 16 px or larger
     (64 -> 8 with three layers); small inputs such as 7x7 symbolic grids keep stride 1. The
-    flatten + linear keeps where things are, which pooling would throw away."""
+    flatten + linear keeps where things are, which pooling would throw away; `spatial` keeps
+    the feature map itself (flattened), so that a MiniGrid cell of 8 px is one map position."""
 
-    def __init__(self, *, obs_shape: list[int], channels: list[int], latent_dim: int):
+    def __init__(self, *, obs_shape: list[int], channels: list[int], latent_dim: int, spatial: bool = False):
         super().__init__()
         h, w, c = obs_shape
         layers: list[nn.Module] = []
@@ -95,12 +106,43 @@ class CNNEncoder(nn.Module):
             else:
                 layers += [nn.Conv2d(c, out_c, kernel_size=3, stride=1, padding=1), nn.ReLU()]
             c = out_c
+        if spatial:
+            layers.pop()  # the map is the latent: no ReLU clipping half its values to 0
         self.convs = nn.Sequential(*layers)
-        self.to_latent = nn.Linear(c * h * w, latent_dim)
+        self.to_latent = nn.Identity() if spatial else nn.Linear(c * h * w, latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B,C,H,W] float -> convs [B,c,h,w] -> [B,latent_dim]
+        # x: [B,C,H,W] float -> convs [B,c,h,w] -> [B,latent_dim] (spatial: latent_dim = c*h*w)
         return self.to_latent(self.convs(x).flatten(1))
+
+
+class SpatialPredictor(nn.Module):
+    """(feature map, action) -> next feature map, convolutional with the action embedding tiled
+    over every position (as PLDM's predictor): what an action does to a cell depends on its
+    neighbours, the same everywhere, so it carries over to layouts never seen."""
+
+    def __init__(
+        self, *, map_shape: tuple[int, int, int], num_actions: int, action_emb_dim: int, hidden_dim: int, continuous_actions: bool
+    ):
+        super().__init__()
+        self.map_shape = map_shape
+        c = map_shape[0]
+        self.action_emb = action_embedding(num_actions=num_actions, dim=action_emb_dim, continuous=continuous_actions)
+        self.net = nn.Sequential(
+            nn.Conv2d(c + action_emb_dim, hidden_dim, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, c, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)  # residual: starts as the copy baseline
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        # z: [B,c*h*w] -> map [B,c,h,w]; action embedding [B,E] tiled to [B,E,h,w]
+        m = z.view(-1, *self.map_shape)
+        a = self.action_emb(action)[:, :, None, None].expand(-1, -1, *self.map_shape[1:])
+        return z + self.net(torch.cat([m, a], dim=1)).flatten(1)
 
 
 class LatentPredictor(nn.Module):
@@ -144,16 +186,30 @@ class JEPAWorldModel(nn.Module):
         super().__init__()
         self.config = config
         self.latent_dim = config.latent_dim
-        self.encoder = CNNEncoder(obs_shape=config.obs_shape, channels=config.channels, latent_dim=config.latent_dim)
-        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.predictor = LatentPredictor(
-            latent_dim=config.latent_dim,
-            num_actions=config.num_actions,
-            action_emb_dim=config.action_emb_dim,
-            continuous_actions=config.continuous_actions,
-            hidden_dim=config.predictor_hidden_dim,
-            residual=config.residual,
+        self.encoder = CNNEncoder(
+            obs_shape=config.obs_shape, channels=config.channels, latent_dim=config.latent_dim, spatial=config.spatial
         )
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        if config.spatial:
+            shape = feature_map_shape(config.obs_shape, config.channels)
+            if config.latent_dim != shape[0] * shape[1] * shape[2]:
+                raise ValueError(f"a spatial latent is the {shape} feature map: latent_dim must be {shape[0] * shape[1] * shape[2]}")
+            self.predictor = SpatialPredictor(
+                map_shape=shape,
+                num_actions=config.num_actions,
+                action_emb_dim=config.action_emb_dim,
+                hidden_dim=config.predictor_hidden_dim,
+                continuous_actions=config.continuous_actions,
+            )
+        else:
+            self.predictor = LatentPredictor(
+                latent_dim=config.latent_dim,
+                num_actions=config.num_actions,
+                action_emb_dim=config.action_emb_dim,
+                continuous_actions=config.continuous_actions,
+                hidden_dim=config.predictor_hidden_dim,
+                residual=config.residual,
+            )
         if config.idm_coeff > 0:
             self.inverse = inverse_dynamics_head(
                 latent_dim=config.latent_dim, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions

@@ -16,6 +16,9 @@ ViT JEPA, two arrangements (`arrangement`):
 
 Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
 queries carry the embedded action cross-attends to them and outputs each patch of s_t+1
+(`decoder="tokens"`: each patch's own token plus its query and the action go through
+self-attention instead, so a patch starts from what it showed and attention only has to move
+what changes)
 (`residual`: the change from s_t, so the static board is free and the capacity goes to what
 moves); loss = MSE in pixels, on K steps each fed the previous predicted frame.
 
@@ -97,12 +100,21 @@ class ViTJEPAConfig(ViTConfig):
             raise ValueError("target 'online' is for arrangement 'common' (in 'seed' the EMA encoder encodes s_t)")
 
 
+DECODERS = ("cross", "tokens")
+
+
 @dataclass
 class EncDecConfig(ViTConfig):
     decoder_dim: int = 128
     num_decoder_layers: int = 2
     residual: bool = False  # decode the change from s_t instead of the whole frame
     change_weight: float = 0.0  # pixels that change from s_t to s_t+1 weigh 1 + this in the loss
+    decoder: str = "cross"  # "cross": learned queries cross-attend (seed 000); "tokens": see the docstring
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -281,10 +293,19 @@ class ViTEncoderDecoder(nn.Module):
         self.action_to_decoder = nn.Linear(c.action_emb_dim, c.decoder_dim)
         self.memory_proj = nn.Linear(c.latent_dim, c.decoder_dim)
         self.queries = nn.Parameter(torch.randn(1, c.num_patches, c.decoder_dim) * 0.02)
-        layer = nn.TransformerDecoderLayer(
-            c.decoder_dim, c.num_heads, dim_feedforward=2 * c.decoder_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.decoder = nn.TransformerDecoder(layer, c.num_decoder_layers)
+        if c.decoder == "cross":
+            layer = nn.TransformerDecoderLayer(
+                c.decoder_dim,
+                c.num_heads,
+                dim_feedforward=2 * c.decoder_dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.decoder = nn.TransformerDecoder(layer, c.num_decoder_layers)
+        else:
+            self.decoder = transformer_layers(dim=c.decoder_dim, heads=c.num_heads, mlp_dim=2 * c.decoder_dim, depth=c.num_decoder_layers)
         self.norm = nn.LayerNorm(c.decoder_dim)
         self.to_pixels = nn.Linear(c.decoder_dim, c.patch_size * c.patch_size * c.input_channels)
         if c.residual:
@@ -300,7 +321,11 @@ class ViTEncoderDecoder(nn.Module):
         in [0,1], or with `residual` the change from the current one."""
         c = self.config
         queries = self.queries + self.action_to_decoder(self.action_emb(action))[:, None]  # [B,N,Dd]
-        out = unpatchify(self.to_pixels(self.norm(self.decoder(queries, self.memory_proj(tokens)))), c.patch_size, c.input_channels)
+        if c.decoder == "cross":
+            hidden = self.decoder(queries, self.memory_proj(tokens))
+        else:
+            hidden = self.decoder(queries + self.memory_proj(tokens))
+        out = unpatchify(self.to_pixels(self.norm(hidden)), c.patch_size, c.input_channels)  # [B,C,H,W]
         return out if c.residual else torch.sigmoid(out)
 
     def step_frames(self, frames: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,17 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, load_npz, ok, run
 
 from collect_minigrid_data import current_obs, goal_position, make_env, resize_frames
-from plan_with_world_model import UNREACHABLE, Imagination, LatentGraph, PlanConfig, Planner, goal_frames, load_goal_image, oracle_steps
+from plan_with_world_model import (
+    UNREACHABLE,
+    Imagination,
+    LatentGraph,
+    PlanConfig,
+    Planner,
+    evaluated_layouts,
+    goal_frames,
+    load_goal_image,
+    oracle_steps,
+)
 from wm_common import UserError
 
 CPU = torch.device("cpu")
@@ -221,6 +231,26 @@ def test_cem_finds_the_exhaustive_minimum(imagination, graph, cost, aggregate, h
 def test_cem_graph_planner_walks_shortest_paths(imagination, graph):
     planner = planner_for(imagination, graph, planner="cem", cost="graph", horizon=3, samples=64, elites=8, iterations=3)
     assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
+
+
+def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
+    """From each start the search sees only the current frame and the goal frames: the map it
+    imagines re-identifies every state (the perfect model predicts each exactly), so it holds
+    the grid's states and no more, and following it is a shortest path. (64 dimensions: among
+    random unit vectors in 16, some distinct states are closer than the merge radius.)"""
+    planner = planner_for(Imagination(GridModel(TOKEN, dim=64), "jepa_cnn", CPU), None, planner="imagined")
+    assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
+    path, vectors = planner.imagined.search(frame((1, 1, 2)), planner.goal)
+    assert len(path) == DIST[(1, 1, 2)] == len(vectors)
+
+
+def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
+    """Forward changes nothing in this model: the imagined map is the four directions of the
+    start cell, merged however often they are reached, and the search never walks."""
+    imag = Imagination(GridModel(TOKEN, move=False), "jepa_cnn", CPU)
+    planner = planner_for(imag, None, planner="imagined")
+    a = planner.act(frame((1, 1, 0)))
+    assert planner.imagined.nodes == 4 and a in (0, 1, 2)
 
 
 # ----------------------------------------------------------------------------- the real env
@@ -505,3 +535,25 @@ def test_set_goal_moves_the_goal_for_the_next_episode(imagination):
     without_goal_cell.set_goal(tokens(GOAL_STATES))  # frames the data lacks: appended, with the model's edges
     assert len(without_goal_cell.edges) == len(STARTS) + 4
     assert all(without_goal_cell.cost_to_goal[without_goal_cell.index[TOKEN[s].tobytes()]] == DIST[s] for s in STARTS)
+
+
+@pytest.mark.parametrize(
+    "env_id, episodes, eval_seeds, seen",
+    [
+        ("MiniGrid-FourRooms-v0", 20, list(range(100, 110)), 0),  # random walls: other seeds, other layouts
+        ("MiniGrid-FourRooms-v0", 20, [3, 100, 4], 2),  # two of them were collected
+        ("MiniGrid-Empty-8x8-v0", 20, list(range(1000, 1005)), 5),  # one room whatever the seed
+        # 42 layouts in all: 250 training seeds draw every one, so no seed range is held out
+        ("MiniGrid-SimpleCrossingS9N1-v0", 250, list(range(10000, 10020)), 20),
+    ],
+)
+def test_plan_json_says_whether_the_layouts_were_in_the_training_data(env_id, episodes, eval_seeds, seen):
+    """Compared grid by grid, not by seed: Empty-8x8 draws one room for every seed, and
+    SimpleCrossingS9N1 only 42."""
+    env, _ = make_env(env_id, "rgb", 64)
+    meta = {"env": env_id, "seed": 0, "episodes": episodes, "config": {"fixed_layout": False}}
+    report = evaluated_layouts(env, env_id, meta, eval_seeds)
+    assert report["seen_in_training"] == seen and report["layouts"] == len(eval_seeds)
+    assert ("none of them in training" in report["summary"]) == (seen == 0)
+    other = evaluated_layouts(env, "MiniGrid-Empty-5x5-v0", meta, eval_seeds)
+    assert other["seen_in_training"] is None and "another env" in other["summary"]

@@ -226,3 +226,27 @@ def test_temp_files_a_killed_run_left_are_removed_by_the_next_run(finished, tmp_
     mine.write_text("mine")
     assert call("train_jepa", [*train(tiny_npz, out, "--resume"), "--epochs", "2"]) == 0
     assert not any(p.exists() for p in left) and mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "arch, argv, named",
+    [
+        ("cnn", ["--patch-size", "8", "--predictor", "transformer"], ["patch_size", "predictor"]),
+        ("cnn", ["--arrangement", "common", "--num-heads", "2"], ["num_heads", "arrangement"]),
+        ("vit", ["--pred-loss", "normalized", "--vc-all-steps"], ["vc_all_steps", "pred_loss"]),
+        ("cnn", ["--latent-dim", "32", "--unroll", "2"], []),
+        ("vit", ["--patch-size", "8"], []),
+    ],
+)
+def test_the_other_architectures_settings_are_named_as_ignored(arch, argv, named):
+    import train_jepa
+
+    cfg = wm_common.parse_config(train_jepa.TrainConfig, ["--arch", arch, "--data", "d.npz", *argv])
+    assert train_jepa.unused_settings(cfg) == named
+
+
+def test_a_vit_flag_on_the_cnn_is_a_note_on_stderr(tmp_path, capsys):
+    # the note comes before the data is read, so a missing file keeps this test free of training
+    assert call("train_jepa", ["--data", tmp_path / "none.npz", "--out-dir", tmp_path / "r", "--patch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "note: --patch-size is not used by --arch cnn (ignored)" in err and "none.npz" in err
