@@ -36,15 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collect_minigrid_data import CollectConfig, assemble, make_env, run_episode
+from collect_minigrid_data import MAX_EPISODE_BYTES, CollectConfig, assemble, make_env, run_episode
+from collect_minigrid_data import check_flags as check_collect_flags
 from collect_minigrid_data import main as collect_main
 from minigrid_dataset import MiniGridTransitions, make_loaders
 from train_jepa import TrainConfig, cnn_config
-from wm_common import FitSettings, check_writable_dir, choose_device, fit, run_cli, seed_everything, write_json
+from wm_common import FitSettings, check_writable_dir, choose_device, fail, fit, run_cli, seed_everything, write_json
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
 ARCHS = ("jepa_cnn", "jepa_vit", "encdec_vit")
+# The measurements print nothing while they run: a budget with zeros too many would look like a
+# hang. A median of step times is steady long before this many.
+MAX_TRAIN_STEPS = 10_000
 
 
 @dataclass
@@ -273,7 +277,37 @@ def bench_unroll(cfg: BenchConfig, data: MiniGridTransitions) -> dict:
     return {"unroll": cfg.unroll, "seconds_per_step": times, "over_k_one_step": times[cfg.unroll] / (cfg.unroll * times[1])}
 
 
+def check_flags(cfg: BenchConfig) -> None:
+    """One line for each value that would crash a measurement minutes in, never end, or hold more
+    frames in RAM than the collector ever does."""
+    ccfg = CollectConfig(env=cfg.env, episodes=cfg.episodes, seed=cfg.seed, num_envs=cfg.num_envs)
+    check_collect_flags(ccfg)  # --episodes, --seed, --num-envs: the collector's own checks
+    for name in ("train_steps", "batch_size", "unroll"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.train_steps > MAX_TRAIN_STEPS:
+        fail(
+            f"--train-steps {cfg.train_steps} is above {MAX_TRAIN_STEPS}: the timings are steady long before, and nothing prints meanwhile"
+        )
+    env, _ = make_env(cfg.env, ccfg.obs, ccfg.image_size)
+    limit = env.unwrapped.max_steps
+    env.close()
+    episode_bytes = (limit + 1) * ccfg.image_size**2 * ccfg.channels
+    if cfg.episodes * episode_bytes > MAX_EPISODE_BYTES:
+        fail(
+            f"--episodes {cfg.episodes} can hold {cfg.episodes * episode_bytes / 1e9:.0f} GB of frames, kept in RAM by the collection "
+            f"measurement; use at most {int(MAX_EPISODE_BYTES // episode_bytes)}"
+        )
+    if cfg.batch_size > cfg.episodes * limit:
+        fail(
+            f"--batch-size {cfg.batch_size} is more than the {cfg.episodes * limit} transitions {cfg.episodes} episodes of {cfg.env} can have"
+        )
+    if cfg.unroll > limit:
+        fail(f"--unroll {cfg.unroll} is longer than an episode of {cfg.env} can be ({limit} steps)")
+
+
 def main(cfg: BenchConfig) -> dict:
+    check_flags(cfg)
     check_writable_dir(Path(cfg.out).resolve().parent, "--out directory")
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp_s:

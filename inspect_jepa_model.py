@@ -750,6 +750,11 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
     if not data_path:
         fail("the checkpoint does not record its data; pass --data")
     data = MiniGridTransitions(data_path)
+    longest = int(np.unique(data.episode, return_counts=True)[1].max())
+    if max(cfg.probe_horizons, default=0) >= longest:  # no state lies that far ahead in any episode: every probe NaN
+        fail(
+            f"--probe-horizons {max(cfg.probe_horizons)} is not shorter than the longest episode ({longest} transitions); use at most {longest - 1}"
+        )
     device = choose_device(cfg.device)
     out = check_writable_dir(cfg.out_dir, "--out-dir")
     reports, figures = {}, {}

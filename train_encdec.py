@@ -32,6 +32,8 @@ from wm_common import (
 )
 from world_model_vit import DECODERS, EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
 
+MAX_EXAMPLES = 64  # rows of predictions.png: more would pass matplotlib's 2**16-pixel figure limit
+
 # config.yaml keys that configure the JEPA, not this model
 JEPA_KEYS = ("jepa_predictor_hidden_dim", "ema_decay", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff")
 
@@ -124,6 +126,8 @@ def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     cfg.out_dir = cfg.out_dir or "checkpoints/encdec_vit"
     if not (cfg.change_weight >= 0 and math.isfinite(cfg.change_weight)):
         fail(f"--change-weight must be a finite weight >= 0 (0: plain MSE), got {cfg.change_weight}")
+    if not 1 <= cfg.num_examples <= MAX_EXAMPLES:
+        fail(f"--num-examples must be from 1 to {MAX_EXAMPLES} (rows of predictions.png), got {cfg.num_examples}")
     check_sizes(cfg, ("latent_dim", "action_emb_dim", "decoder_dim", "num_decoder_layers", "mlp_dim", "num_heads", "num_encoder_layers"))
     summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg))
     if rank() == 0:

@@ -97,16 +97,21 @@ ONLY_FOR = {
         "jepa_predictor_hidden_dim",
         "predictor",
         "arrangement",
+        "patch_norm",
     ),
     "cnn": ("vc_all_steps", "pred_loss", "spatial"),
 }
 
 
 def unused_settings(cfg: TrainConfig) -> list[str]:
-    """The other architecture's settings that differ from their defaults (so were given)."""
+    """Settings this run does not read that differ from their defaults (so were given): the other
+    architecture's, and the EMA decay when the target is the online encoder."""
     other = "vit" if cfg.arch == "cnn" else "cnn"
+    names = list(ONLY_FOR[other])
+    if cfg.arch == "cnn" and (cfg.target or "online") == "online":
+        names.append("ema_decay")  # the online target never reads the EMA encoder
     defaults = TrainConfig()
-    return [name for name in ONLY_FOR[other] if getattr(cfg, name) != getattr(defaults, name)]
+    return [name for name in names if getattr(cfg, name) != getattr(defaults, name)]
 
 
 def coeffs(cfg: TrainConfig) -> dict[str, float]:
@@ -201,7 +206,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     unused = unused_settings(cfg)
     if unused and rank() == 0:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        print(f"note: {flags} {'is' if len(unused) == 1 else 'are'} not used by --arch {cfg.arch} (ignored)", file=sys.stderr)
+        target = cfg.target or ("online" if cfg.arch == "cnn" else "ema")
+        verb = "is" if len(unused) == 1 else "are"
+        print(f"note: {flags} {verb} not used by --arch {cfg.arch} --target {target} (ignored)", file=sys.stderr)
     return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg))
 
 

@@ -83,11 +83,18 @@ def fail(message: str) -> typing.NoReturn:
     raise UserError(message)
 
 
+# Above these a model is beyond any machine (a width of 65536 squared is 4e9 weights per layer)
+# and torch fails with a message about another flag, or hangs copying layers.
+MAX_WIDTH, MAX_DEPTH = 65536, 1024
+
+
 def check_sizes(cfg: Any, names: tuple[str, ...]) -> None:
-    """Model sizes (widths, depths, heads) given as flags: each a whole number of at least 1."""
+    """Model sizes (widths, depths, heads) given as flags: each a whole number from 1 to its cap."""
     for name in names:
-        if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        value, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
+        cap = MAX_DEPTH if name.startswith("num_") else MAX_WIDTH
+        if not 1 <= value <= cap:
+            fail(f"{flag} must be from 1 to {cap}, got {value}")
 
 
 def cpu_cores() -> int:
@@ -1238,7 +1245,12 @@ def _train_run(
         fail(f"--lr must be positive and finite, got {cfg.lr}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         fail(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
-    if not cfg.grad_clip >= 0:
+    if cfg.lr * cfg.weight_decay >= 1:
+        # AdamW multiplies every weight by 1 - lr * weight_decay each step: 0 or below zeroes or flips them all
+        fail(
+            f"--weight-decay {cfg.weight_decay} x --lr {cfg.lr} is 1 or more: every step would zero or flip all weights; lower --weight-decay"
+        )
+    if not (cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip)):
         fail(f"--grad-clip must be 0 (off) or a positive norm, got {cfg.grad_clip}")
     check_seed(cfg.seed)
     if cfg.log_every < 1:

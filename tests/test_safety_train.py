@@ -211,9 +211,9 @@ def test_a_fifo_is_named_as_one_wherever_a_file_is_read(tmp_path, tiny_npz, fini
 
 
 def test_a_model_too_large_for_memory_is_one_line(tmp_path, tiny_npz, capsys):
-    assert_one_line_error_in_process(
-        "train_jepa", [*train(tiny_npz, tmp_path / "r"), "--latent-dim", "1000000000"], capsys, "does not fit in memory"
-    )
+    # each size within its cap (wm_common.MAX_WIDTH), the whole far beyond any machine: ~17e9 weights per layer
+    argv = [*train(tiny_npz, tmp_path / "r"), "--arch", "vit", "--latent-dim", "65536", "--mlp-dim", "65536"]
+    assert_one_line_error_in_process("train_jepa", argv, capsys, "does not fit in memory")
     assert not (tmp_path / "r").exists()
 
 
@@ -236,6 +236,8 @@ def test_temp_files_a_killed_run_left_are_removed_by_the_next_run(finished, tmp_
         ("vit", ["--pred-loss", "normalized", "--vc-all-steps"], ["vc_all_steps", "pred_loss"]),
         ("cnn", ["--latent-dim", "32", "--unroll", "2"], []),
         ("vit", ["--patch-size", "8"], []),
+        ("cnn", ["--ema-decay", "0.5"], ["ema_decay"]),  # the online target never reads the EMA encoder
+        ("cnn", ["--ema-decay", "0.5", "--target", "ema"], []),
     ],
 )
 def test_the_other_architectures_settings_are_named_as_ignored(arch, argv, named):
@@ -249,4 +251,4 @@ def test_a_vit_flag_on_the_cnn_is_a_note_on_stderr(tmp_path, capsys):
     # the note comes before the data is read, so a missing file keeps this test free of training
     assert call("train_jepa", ["--data", tmp_path / "none.npz", "--out-dir", tmp_path / "r", "--patch-size", "8"]) == 2
     err = capsys.readouterr().err
-    assert "note: --patch-size is not used by --arch cnn (ignored)" in err and "none.npz" in err
+    assert "note: --patch-size is not used by --arch cnn --target online (ignored)" in err and "none.npz" in err

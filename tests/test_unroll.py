@@ -322,8 +322,8 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--steps", "100", "--epochs", "2"], "not both"),
         (["--unroll", "1000000000000"], "longer than the longest episode"),
         (["--num-workers", "1000000000000"], "more than 4 per CPU core"),
-        (["--action-emb-dim", "-1"], "--action-emb-dim must be at least 1"),
-        (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be at least 1"),
+        (["--action-emb-dim", "-1"], "--action-emb-dim must be from 1 to 65536"),
+        (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be from 1 to 65536"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
     ],
 )
