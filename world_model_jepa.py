@@ -80,18 +80,25 @@ class JEPAConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
 
-def feature_map_shape(obs_shape: list[int], channels: list[int]) -> tuple[int, int, int]:
-    """(c, h, w) of CNNEncoder's feature map: each conv halves a side of 16 px or more."""
+def halves(side: int, spatial: bool) -> bool:
+    """Does the next conv halve a side this long? The global latent's encoder halves sides of 16 px
+    or more (seed 003); the spatial one down to 8, so that three convs make a MiniGrid cell of
+    8 px one position (48 -> 6, 64 -> 8, 72 -> 9) while a 7x7 symbolic grid keeps stride 1."""
+    return side >= (8 if spatial else 16)
+
+
+def feature_map_shape(obs_shape: list[int], channels: list[int], spatial: bool = True) -> tuple[int, int, int]:
+    """(c, h, w) of CNNEncoder's feature map."""
     h, w, _ = obs_shape
     for _ in channels:
-        if min(h, w) >= 16:
+        if halves(min(h, w), spatial):
             h, w = h // 2, w // 2
     return channels[-1], h, w
 
 
 class CNNEncoder(nn.Module):
     """Frames -> latent vector. Stride-2 convs halve the image while it is 16 px or larger
-    (64 -> 8 with three layers); small inputs such as 7x7 symbolic grids keep stride 1. The
+    (64 -> 8 with three layers; see `halves`); small inputs such as 7x7 symbolic grids keep stride 1. The
     flatten + linear keeps where things are, which pooling would throw away; `spatial` keeps
     the feature map itself (flattened), so that a MiniGrid cell of 8 px is one map position."""
 
@@ -100,7 +107,7 @@ class CNNEncoder(nn.Module):
         h, w, c = obs_shape
         layers: list[nn.Module] = []
         for out_c in channels:
-            if min(h, w) >= 16:
+            if halves(min(h, w), spatial):
                 layers += [nn.Conv2d(c, out_c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
                 h, w = h // 2, w // 2
             else:
@@ -247,6 +254,11 @@ class JEPAWorldModel(nn.Module):
         pred_loss = normalized_mse(z_pred, z_target) if cfg.pred_loss == "normalized" else F.mse_loss(z_pred, z_target)
         # [B(K+1),D] or [B,D], or the global batch across DDP processes
         z_all = gather_batch((z if cfg.vc_all_steps else z[:, :1]).flatten(0, 1))
+        if cfg.spatial:
+            # every map position is a sample of the c channels, [B*h*w, c]: a wall cell that never
+            # changes could never reach VICReg's unit std as a dimension of its own
+            c = self.predictor.map_shape[0]
+            z_all = z_all.view(len(z_all), c, -1).transpose(1, 2).reshape(-1, c)
         std_loss, cov_loss = vicreg_std_loss(z_all), vicreg_cov_loss(z_all)
         loss = cfg.sim_coeff * pred_loss
         if cfg.reg == "vicreg":

@@ -62,6 +62,9 @@ class ViTConfig:
     mlp_dim: int = 256
     action_emb_dim: int = 32
     pixel_scale: float = 255.0
+    # seed 000: a LayerNorm over each patch's pixels before the embedding. It erases a uniform
+    # patch's brightness: at patch 8, MiniGrid's black floor, grey wall and lit floor are one token.
+    patch_norm: bool = True
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -143,13 +146,23 @@ class ViTEncoder(nn.Module):
     """Frames -> (pooled latent [B,D], patch tokens [B,N,D]): patch embedding, learned
     positions, pre-norm transformer blocks, final LayerNorm, mean pooling."""
 
-    def __init__(self, *, image_size: int, patch_size: int, input_channels: int, dim: int, heads: int, depth: int, mlp_dim: int):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        input_channels: int,
+        dim: int,
+        heads: int,
+        depth: int,
+        mlp_dim: int,
+        patch_norm: bool = True,
+    ):
         super().__init__()
         self.patch_size = patch_size
         n = (image_size // patch_size) ** 2
-        self.to_patch_embedding = nn.Sequential(
-            nn.LayerNorm(patch_size * patch_size * input_channels), nn.Linear(patch_size * patch_size * input_channels, dim)
-        )
+        pixels = patch_size * patch_size * input_channels
+        self.to_patch_embedding = nn.Sequential(nn.LayerNorm(pixels) if patch_norm else nn.Identity(), nn.Linear(pixels, dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, n, dim) * 0.02)
         self.transformer = transformer_layers(dim=dim, heads=heads, mlp_dim=mlp_dim, depth=depth)
         self.norm = nn.LayerNorm(dim)
@@ -169,6 +182,7 @@ def build_encoder(c: ViTConfig) -> ViTEncoder:
         heads=c.num_heads,
         depth=c.num_encoder_layers,
         mlp_dim=c.mlp_dim,
+        patch_norm=c.patch_norm,
     )
 
 
@@ -306,6 +320,9 @@ class ViTEncoderDecoder(nn.Module):
             self.decoder = nn.TransformerDecoder(layer, c.num_decoder_layers)
         else:
             self.decoder = transformer_layers(dim=c.decoder_dim, heads=c.num_heads, mlp_dim=2 * c.decoder_dim, depth=c.num_decoder_layers)
+            # what crosses a patch border (the agent stepping into the next patch) comes from a
+            # neighbour: a 3x3 convolution over the patch grid hands it over, the same rule everywhere
+            self.neighbours = nn.Conv2d(c.decoder_dim, c.decoder_dim, 3, padding=1)
         self.norm = nn.LayerNorm(c.decoder_dim)
         self.to_pixels = nn.Linear(c.decoder_dim, c.patch_size * c.patch_size * c.input_channels)
         if c.residual:
@@ -324,7 +341,10 @@ class ViTEncoderDecoder(nn.Module):
         if c.decoder == "cross":
             hidden = self.decoder(queries, self.memory_proj(tokens))
         else:
-            hidden = self.decoder(queries + self.memory_proj(tokens))
+            hidden = self.decoder(queries + self.memory_proj(tokens))  # [B,N,Dd]
+            g = c.image_size // c.patch_size
+            grid = hidden.transpose(1, 2).reshape(len(hidden), -1, g, g)  # [B,Dd,g,g]
+            hidden = hidden + self.neighbours(grid).flatten(2).transpose(1, 2)
         out = unpatchify(self.to_pixels(self.norm(hidden)), c.patch_size, c.input_channels)  # [B,C,H,W]
         return out if c.residual else torch.sigmoid(out)
 
@@ -383,6 +403,12 @@ class ViTArgs:
     num_encoder_layers: int = field(default=2, metadata={"help": "ViT: encoder transformer blocks"})
     mlp_dim: int = field(default=256, metadata={"help": "ViT: hidden size of each block's MLP"})
     action_emb_dim: int = field(default=32, metadata={"help": "action embedding size"})
+    patch_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "ViT: LayerNorm over each patch's pixels (seed 000); it erases a uniform patch's brightness, --no-patch-norm keeps it"
+        },
+    )
 
 
 def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
@@ -415,4 +441,5 @@ def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
         mlp_dim=args.mlp_dim,
         action_emb_dim=args.action_emb_dim,
         pixel_scale=10.0 if symbolic else 255.0,
+        patch_norm=args.patch_norm,
     )

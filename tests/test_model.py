@@ -205,3 +205,55 @@ def test_inverse_dynamics_head_is_off_by_default_and_learns_the_action_when_on()
         loss.backward()
         opt.step()
     assert float(terms["idm_loss"]) < 0.2 * first
+
+
+# ----------------------------------------------------------------------------- the spatial variant
+
+
+@pytest.mark.parametrize("shape, grid", [((64, 64, 3), 8), ((72, 72, 3), 9), ((48, 48, 3), 6), ((7, 7, 3), 7)])
+def test_spatial_latent_is_the_feature_map_one_position_per_8_pixels(shape, grid):
+    from world_model_jepa import feature_map_shape
+
+    c, h, w = feature_map_shape(list(shape), [8, 8, 4])
+    assert (c, h, w) == (4, grid, grid)
+    kw = dict(spatial=True, channels=[8, 8, 4], latent_dim=c * h * w, predictor_hidden_dim=8, pixel_scale=10.0 if grid == 7 else 255.0)
+    model = make_model(shape, **kw)
+    obs = frames(3, shape, high=11 if grid == 7 else 256)
+    z = model.encode(obs)
+    assert z.shape == (3, c * h * w)
+    # the conv predictor starts as the copy baseline, for every action
+    for a in range(7):
+        torch.testing.assert_close(model.predict(z, torch.full((3,), a)), z)
+    loss, terms = model.loss(*one_step(obs, torch.zeros(3, dtype=torch.long), frames(3, shape, seed=1, high=11 if grid == 7 else 256)))
+    loss.backward()
+    assert torch.isfinite(loss) and model.predictor.net[-1].weight.grad is not None
+    with pytest.raises(ValueError, match="latent_dim must be"):
+        make_model(shape, **{**kw, "latent_dim": 128})
+
+
+def test_spatial_predictor_is_translation_equivariant():
+    """One rule for every cell: shifting the map shifts the prediction (away from the border,
+    which the three 3x3 convolutions see 3 positions in), which is why it carries over to
+    layouts never seen."""
+    model = make_model((128, 128, 3), spatial=True, channels=[8, 8, 8, 4], latent_dim=4 * 8 * 8, predictor_hidden_dim=8)
+    torch.nn.init.normal_(model.predictor.net[-1].weight, std=0.1)
+    m = torch.zeros(1, 4, 8, 8)
+    m[0, :, 3, 3] = torch.randn(4)
+    shifted = torch.roll(m, shifts=(1, 1), dims=(2, 3))
+    a = torch.tensor([2])
+    out = model.predict(m.flatten(1), a).view(1, 4, 8, 8)
+    out_shifted = model.predict(shifted.flatten(1), a).view(1, 4, 8, 8)
+    # positions 4..4 of the shifted map are 3 away from every border
+    torch.testing.assert_close(out[..., 3, 3], out_shifted[..., 4, 4])
+    assert not torch.allclose(out[..., 3, 3], out_shifted[..., 3, 3])
+
+
+def test_spatial_vicreg_counts_every_position_as_a_sample_of_the_channels():
+    """A map whose channels vary across positions is not collapsed, even if a position's own
+    value never changes across the batch."""
+    model = make_model((64, 64, 3), spatial=True, channels=[8, 8, 4], latent_dim=4 * 8 * 8, predictor_hidden_dim=8)
+    obs = frames(4, (64, 64, 3))
+    _, terms = model.loss(*one_step(obs, torch.zeros(4, dtype=torch.long), obs))
+    z = model.encode(obs).view(4, 4, 64).transpose(1, 2).reshape(-1, 4)
+    torch.testing.assert_close(terms["std_loss"], vicreg_std_loss(z))
+    torch.testing.assert_close(terms["cov_loss"], vicreg_cov_loss(z))

@@ -107,6 +107,24 @@ def test_encdec_output_shape_range_and_learning(vit_data):
     assert loss.item() < 0.5 * first
 
 
+@pytest.mark.parametrize("patch", [8, 16])
+def test_tokens_decoder_starts_as_copying_and_moves_what_crosses_a_patch_border(patch):
+    """decoder="tokens" with residual starts as the copy baseline; its 3x3 convolution over the
+    patch grid makes a patch's output depend on its neighbours (an agent stepping in)."""
+    torch.manual_seed(0)
+    c = EncDecConfig(image_size=32, patch_size=patch, latent_dim=32, mlp_dim=64, decoder_dim=32, decoder="tokens", residual=True)
+    model = ViTEncoderDecoder(config=c)
+    obs = frames(2, 32)
+    torch.testing.assert_close(model.predict_frame(obs, torch.tensor([0, 2])), obs.permute(0, 3, 1, 2).float() / 255)
+    torch.nn.init.normal_(model.to_pixels.weight, std=0.1)
+    grid = torch.zeros(1, 32, 32 // patch, 32 // patch, requires_grad=True)
+    out = model.neighbours(grid)
+    out[0, :, 0, 0].sum().backward()
+    assert grid.grad[0, :, 1, 1].abs().sum() > 0 and grid.grad[0, :, 0, 1].abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        EncDecConfig(image_size=32, patch_size=8, decoder="conv")
+
+
 # ----------------------------------------------------------------------------- trainers, end to end
 
 
