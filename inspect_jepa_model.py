@@ -205,10 +205,13 @@ def grid_size(meta: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def agent_pixels(frames: torch.Tensor) -> torch.Tensor:
-    """MiniGrid draws the agent as a red triangle: the pixels that are red (not the orange of lava,
-    the yellow of keys or the green of goals), frames [..,3,H,W] in [0,1] -> bool [..,H,W]."""
+    """MiniGrid draws the agent as a red triangle: the pixels that are red, by how far red stands
+    above the other two channels (so not the orange of lava, the yellow of keys or the green of
+    goals), frames [..,3,H,W] in [0,1] -> bool [..,H,W]. Contrast, not absolute levels: the
+    agent on a highlighted cell is (1, .3, .3), and a predicted triangle of the right shape whose
+    green and blue sit a little above the true ones is still the agent drawn there."""
     r, g, b = frames.unbind(-3)
-    return (r > 0.5) & (g < 0.3) & (b < 0.3)
+    return (r > 0.5) & (r - torch.maximum(g, b) > 0.4)
 
 
 def agent_cell_prediction(pred: torch.Tensor, current: torch.Tensor, true: torch.Tensor, cell: np.ndarray, grid: tuple[int, int]) -> dict:

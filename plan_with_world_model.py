@@ -102,8 +102,8 @@ class PlanConfig:
     iterations: int = field(default=4, metadata={"help": "cem: refits of the sampling distribution"})
     elites: int = field(default=32, metadata={"help": "cem: best sequences the distribution is refitted to"})
     merge: float = field(
-        default=0.25,
-        metadata={"help": "imagined: two imagined states are one when closer than this share of a one-step distance"},
+        default=0.7,
+        metadata={"help": "imagined: two imagined states are one when closer than this share of the shortest real step"},
     )
     max_nodes: int = field(default=3000, metadata={"help": "imagined: most states one search imagines"})
     start: str = field(
@@ -258,6 +258,16 @@ class LatentGraph:
         return hits / total if total else None
 
 
+def step_scale(steps: torch.Tensor) -> float:
+    """The (squared) distance of the smallest real step among the current state's imagined
+    successors [A]: what two distinct neighbouring states are apart. Steps under a tenth of the
+    largest are actions that changed nothing (forward into a wall, a no-op), only model noise.
+    In a spatial latent a move forward shifts a few cells while a turn redraws the whole view, so
+    the smallest real step, not the largest, bounds what may be merged."""
+    real = steps[steps > 0.1 * steps.max()]
+    return float(real.min()) if len(real) else 0.0
+
+
 class ImaginedGraph:
     """A map drawn by the model alone, from the current frame: breadth-first, every known state is
     stepped by every action, and a prediction within `merge` of a known state is that state
@@ -266,12 +276,12 @@ class ImaginedGraph:
     through the imagined map, which follows walls and gaps where latent distance cuts through
     them. No dataset frame is needed: this plans on layouts the model never saw.
 
-    The merge radius is relative: `merge` times the largest squared distance from the current
-    state to one of its imagined successors (one real step), so it needs no tuning per model."""
+    The merge radius is relative: `merge` times the shortest real step from the current state
+    (see `step_scale`), so it needs no tuning per model."""
 
     def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
         self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
-        self.nodes = 0
+        self.nodes, self.radius = 0, 0.0
 
     @torch.no_grad()
     def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -288,7 +298,7 @@ class ImaginedGraph:
             nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
             vec = im.embed(nxt)
             if radius is None:
-                radius = self.merge * float(im.distance(vectors, vec).max())
+                radius = self.merge * step_scale(im.distance(vectors, vec)[0])
             known = im.distance(vec, vectors).min(1).values <= radius
             fresh = []
             for i in (~known).nonzero().flatten().tolist():
@@ -305,7 +315,7 @@ class ImaginedGraph:
             frontier = torch.arange(first, len(vectors))
             if float(goal_dist[first:].min()) <= radius:
                 break  # breadth-first: no shorter imagined path to the goal exists
-        self.nodes = len(parent)
+        self.nodes, self.radius = len(parent), radius or 0.0
         node = int(goal_dist.argmin())
         path = []
         while parent[node] != -1:
@@ -326,6 +336,14 @@ class Planner:
         if cfg.planner == "exhaustive":
             self.all_sequences = torch.tensor(list(itertools.product(range(len(actions)), repeat=cfg.horizon)))  # [A^H,H]
         self.imagined = ImaginedGraph(imagination, actions, cfg.merge, cfg.max_nodes) if cfg.planner == "imagined" else None
+        self.plan: list[int] = []  # imagined: the path being followed (action indices) and the states it should meet
+        self.expect: torch.Tensor | None = None
+
+    def start_episode(self, goal_frames: np.ndarray) -> None:
+        self.goal = self.imagination.target(torch.from_numpy(goal_frames))
+        if self.graph is not None:
+            self.graph.set_goal(goal_frames)
+        self.plan, self.expect = [], None
 
     def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
@@ -367,19 +385,28 @@ class Planner:
 
     def act(self, frame: torch.Tensor) -> int:
         if self.imagined is not None:
-            path, _ = self.imagined.search(frame, self.goal)
-            if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
-                im = self.imagination
-                start = im.start(frame)
-                nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
-                path = [int(im.distance(nxt, self.goal).min(1).values.argmin())]
-            return int(self.actions[path[0]])
+            return self.follow(frame)
         if self.cfg.planner == "exhaustive":
             seqs = self.all_sequences
             best = seqs[self.scores(frame, seqs).argmin()]
         else:
             best = self.cem(frame)
         return int(self.actions[best[0]])
+
+    def follow(self, frame: torch.Tensor) -> int:
+        """imagined: keep to the path found while each frame is the state it imagined (within the
+        merge radius); search again from here when one is not (a surprise) or the path is done."""
+        im = self.imagination
+        if len(self.plan) > 1 and float(im.distance(im.target(frame), self.expect[:1])) <= self.imagined.radius:
+            self.plan, self.expect = self.plan[1:], self.expect[1:]
+            return int(self.actions[self.plan[0]])
+        path, self.expect = self.imagined.search(frame, self.goal)
+        if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
+            start = im.start(frame)
+            nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
+            path, self.expect = [int(im.distance(nxt, self.goal).min(1).values.argmin())], nxt[:0]
+        self.plan = path
+        return int(self.actions[path[0]])
 
     def cem(self, frame: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -502,10 +529,7 @@ def run_episode(
     start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
     limit = cfg.max_steps or base.max_steps
     if planner is not None:
-        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)
-        planner.goal = planner.imagination.target(torch.from_numpy(goals))
-        if planner.graph is not None:
-            planner.graph.set_goal(goals)
+        planner.start_episode(goal_obs if goal_obs is not None else goal_frames(env, image_size, channels))
     act_rng = np.random.default_rng([cfg.seed, e, 1])
     path, reward, trace, t0 = [start[:2]], 0.0, [], time.perf_counter()
     if film is not None:

@@ -44,14 +44,18 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     decoder_dim: int = field(default=128, metadata={"help": "decoder width"})
     num_decoder_layers: int = field(default=2, metadata={"help": "decoder transformer blocks"})
     num_examples: int = field(default=8, metadata={"help": "held-out examples drawn in predictions.png"})
-    residual: bool = field(
-        default=False, metadata={"help": "decode the change from s_t, not the whole frame (sharper one step, drifts when fed back)"}
+    # Seed 000's encoder-decoder (--decoder cross --no-residual --patch-norm --patch-size 16) predicts a
+    # blurred board without the agent; these defaults draw it on its next cell (measured in the README).
+    patch_size: int = field(default=8, metadata={"help": "ViT: patch size; 8 makes a MiniGrid cell of 8 px one token"})
+    patch_norm: bool = field(
+        default=False, metadata={"help": "LayerNorm over each patch's pixels (seed 000); it erases a uniform patch's brightness"}
     )
+    residual: bool = field(default=True, metadata={"help": "decode the change from s_t, not the whole frame (--no-residual: seed 000)"})
     change_weight: float = field(
         default=0.0, metadata={"help": "pixels that change from s_t to s_t+1 weigh 1 + this in the loss (0: plain MSE, seed 000)"}
     )
     decoder: str = field(
-        default="cross",
+        default="tokens",
         metadata={
             "help": "cross: learned queries cross-attend to the patch tokens (seed 000); tokens: self-attention over them",
             "choices": DECODERS,

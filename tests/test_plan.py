@@ -236,9 +236,10 @@ def test_cem_graph_planner_walks_shortest_paths(imagination, graph):
 def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
     """From each start the search sees only the current frame and the goal frames: the map it
     imagines re-identifies every state (the perfect model predicts each exactly), so it holds
-    the grid's states and no more, and following it is a shortest path. (64 dimensions: among
-    random unit vectors in 16, some distinct states are closer than the merge radius.)"""
-    planner = planner_for(Imagination(GridModel(TOKEN, dim=64), "jepa_cnn", CPU), None, planner="imagined")
+    the grid's states and no more, and following it is a shortest path. (256 dimensions: among
+    random unit vectors in fewer, some distinct states are closer than the merge radius, which
+    a trained encoder avoids by learning to tell states apart.)"""
+    planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
     assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
     path, vectors = planner.imagined.search(frame((1, 1, 2)), planner.goal)
     assert len(path) == DIST[(1, 1, 2)] == len(vectors)
@@ -247,7 +248,7 @@ def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
     """Forward changes nothing in this model: the imagined map is the four directions of the
     start cell, merged however often they are reached, and the search never walks."""
-    imag = Imagination(GridModel(TOKEN, move=False), "jepa_cnn", CPU)
+    imag = Imagination(GridModel(TOKEN, move=False, dim=256), "jepa_cnn", CPU)
     planner = planner_for(imag, None, planner="imagined")
     a = planner.act(frame((1, 1, 0)))
     assert planner.imagined.nodes == 4 and a in (0, 1, 2)

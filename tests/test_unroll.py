@@ -382,6 +382,14 @@ def test_agent_cell_prediction_reads_the_red_agent_on_its_next_cell():
     lava = torch.stack([board(), board()])
     lava[:, 0], lava[:, 1] = 1.0, 0.5  # orange everywhere is not the agent
     assert agent_cell_prediction(lava, current, true, cells, (2, 2))["acc"] == 0.0
+    # the agent drawn on the right cell with green and blue a third up (as a residual decoder
+    # paints it over a grey floor) is still the agent; a faded one (red barely above) is not
+    pink, faded = true.clone(), true.clone()
+    for frames, level in ((pink, 0.33), (faded, 0.7)):
+        agent = frames[:, 0] == 1.0
+        frames[:, 1][agent] = frames[:, 2][agent] = level
+    assert agent_cell_prediction(pink, current, true, cells, (2, 2))["acc"] == 1.0
+    assert agent_cell_prediction(faded, current, true, cells, (2, 2))["acc"] == 0.0
 
 
 def test_ablation_trains_each_variant_once_and_writes_the_table(tmp_path, tiny_npz):
