@@ -41,12 +41,13 @@ EVAL_SEED ?= 10000
 OUT ?= plan_unseen
 TRAIN_LAYOUTS ?= 250
 PLAN_EPISODES ?= 20
+PLAN_TRAIN_FLAGS ?=
 plan-unseen: setup
 	@size=$$($(BIN)/python -c "import gymnasium as gym, minigrid; print(8 * gym.make('$(ENV)').unwrapped.width)") && \
 	train_seed=$$(( $(EVAL_SEED) >= $(TRAIN_LAYOUTS) ? 0 : $(EVAL_SEED) + $(PLAN_EPISODES) )) && \
 	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed $$train_seed \
 		--start random --actions nav --image-size $$size --out $(OUT)/data.npz --overwrite && \
-	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite && \
+	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite $(PLAN_TRAIN_FLAGS) && \
 	$(BIN)/python plan_with_world_model.py --checkpoint $(OUT)/model --planner imagined --env $(ENV) --seed $(EVAL_SEED) \
 		--episodes $(PLAN_EPISODES) --out-dir $(OUT)
 
