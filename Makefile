@@ -56,10 +56,10 @@ ablation: setup
 	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme README.md
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -n auto -m ""
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
