@@ -710,6 +710,32 @@ def check_budget(cfg: PlanConfig, n_actions: int, frames: bool) -> None:
         )
 
 
+def build_graph(
+    data_path: str | None, imagination: Imagination, goals: np.ndarray, actions: list[int]
+) -> tuple[LatentGraph, dict[str, Any]]:
+    """The dataset-graph planner's graph over the frames of `data_path`, and its report."""
+    if not data_path:
+        fail("the checkpoint does not record its data; pass --graph-data")
+    data = MiniGridTransitions(data_path)
+    if list(data.frame_shape) != list(goals.shape[1:]):
+        fail(f"--graph-data {data_path} has frames {list(data.frame_shape)}, the model takes {list(goals.shape[1:])}")
+    t0 = time.perf_counter()
+    graph = LatentGraph(imagination, np.concatenate([data.obs.numpy(), data.terminal_obs.numpy()]), goals, actions)
+    report = {
+        "data": str(data_path),
+        "nodes": len(graph.edges),
+        "seconds": time.perf_counter() - t0,
+        "edge_accuracy": graph.edge_accuracy(data),
+        "nodes_with_path_to_goal": float(np.mean(graph.cost_to_goal < UNREACHABLE)),
+    }
+    print(
+        f"graph: {report['nodes']} nodes from {data_path}, built in {report['seconds']:.1f} s; the model's edges "
+        f"reproduce {report['edge_accuracy']:.1%} of the data's transitions; "
+        f"{report['nodes_with_path_to_goal']:.1%} of nodes reach the first episode's goal"
+    )
+    return graph, report
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -766,26 +792,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
 
     graph, graph_report = None, None
     if cost == "graph":
-        data_path = cfg.graph_data or meta.get("path") or fail("the checkpoint does not record its data; pass --graph-data")
-        data = MiniGridTransitions(data_path)
-        if list(data.frame_shape) != list(sample.shape[1:]):
-            fail(f"--graph-data {data_path} has frames {list(data.frame_shape)}, the model takes {list(sample.shape[1:])}")
-        t0 = time.perf_counter()
-        frames = np.concatenate([data.obs.numpy(), data.terminal_obs.numpy()])
         goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)  # the first episode's layout
-        graph = LatentGraph(imagination, frames, goals, actions)
-        graph_report = {
-            "data": str(data_path),
-            "nodes": len(graph.edges),
-            "seconds": time.perf_counter() - t0,
-            "edge_accuracy": graph.edge_accuracy(data),
-            "nodes_with_path_to_goal": float(np.mean(graph.cost_to_goal < UNREACHABLE)),
-        }
-        print(
-            f"graph: {graph_report['nodes']} nodes from {data_path}, built in {graph_report['seconds']:.1f} s; the model's edges "
-            f"reproduce {graph_report['edge_accuracy']:.1%} of the data's transitions; "
-            f"{graph_report['nodes_with_path_to_goal']:.1%} of nodes reach the first episode's goal"
-        )
+        graph, graph_report = build_graph(cfg.graph_data or meta.get("path"), imagination, goals, actions)
 
     planner = Planner(cfg, imagination, actions, graph, cfg.seed)
     from tqdm import tqdm
