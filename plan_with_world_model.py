@@ -834,8 +834,9 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     save_gif(film, out / "plan.gif")
     env.close()
     ratio = report["steps_over_oracle"]
+    search = "imagined search" if cfg.planner == "imagined" else f"{cfg.planner} H={cfg.horizon} cost={cost}/{cfg.aggregate}"
     print(
-        f"{env_id}, {ckpt['arch']} + {cfg.planner} H={cfg.horizon} cost={cost}/{cfg.aggregate}, {cfg.start} starts: "
+        f"{env_id}, {ckpt['arch']} + {search}, {cfg.start} starts: "
         f"success {report['success_rate']:.2f} (random policy {report['random_success_rate']:.2f}), mean steps "
         f"{report['mean_steps'] if report['mean_steps'] is None else round(report['mean_steps'], 1)} vs oracle "
         f"{report['oracle_mean_steps']:.1f} ({'n/a' if ratio is None else f'{ratio:.2f}x'} on successes), "
