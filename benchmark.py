@@ -306,32 +306,13 @@ def check_flags(cfg: BenchConfig) -> None:
         fail(f"--unroll {cfg.unroll} is longer than an episode of {cfg.env} can be ({limit} steps)")
 
 
-def main(cfg: BenchConfig) -> dict:
-    check_flags(cfg)
-    check_writable_dir(Path(cfg.out).resolve().parent, "--out directory")
-    torch.manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        col = bench_collect(cfg, tmp)
-        par = bench_parallel(cfg, tmp)
-        vec = bench_vector_env(cfg, col["steps"])
-        path = col.pop("path")
-        dat = bench_data(path)
-        data = MiniGridTransitions(path)
-        trains = {arch: bench_train(cfg, arch, data, tmp / arch) for arch in ARCHS}
-        unroll = bench_unroll(cfg, data)
-        ddp = bench_ddp(cfg, path, tmp)
-    result = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "collect": col,
-        "collect_parallel": par,
-        "collect_vector_env": vec,
-        "train_ddp": ddp,
-        "train_unroll": unroll,
-        "data": dat,
-        **{f"train_{arch}": tr for arch, tr in trains.items()},
-    }
-    rows = [
+def summary_rows(result: dict) -> list[tuple[str, float, str]]:
+    """(what, ratio, detail) for each measurement, as main prints them."""
+    col, par, vec, unroll, ddp, dat = (
+        result[k] for k in ("collect", "collect_parallel", "collect_vector_env", "train_unroll", "train_ddp", "data")
+    )
+    trains = {arch: result[f"train_{arch}"] for arch in ARCHS}
+    return [
         (
             "collect: bare env loop / collector (target <= 1.2)",
             col["bare_over_collector"],
@@ -382,6 +363,34 @@ def main(cfg: BenchConfig) -> dict:
             f"{dat['disk_bytes_per_transition']:.0f} B per transition",
         ),
     ]
+
+
+def main(cfg: BenchConfig) -> dict:
+    check_flags(cfg)
+    check_writable_dir(Path(cfg.out).resolve().parent, "--out directory")
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        col = bench_collect(cfg, tmp)
+        par = bench_parallel(cfg, tmp)
+        vec = bench_vector_env(cfg, col["steps"])
+        path = col.pop("path")
+        dat = bench_data(path)
+        data = MiniGridTransitions(path)
+        trains = {arch: bench_train(cfg, arch, data, tmp / arch) for arch in ARCHS}
+        unroll = bench_unroll(cfg, data)
+        ddp = bench_ddp(cfg, path, tmp)
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "collect": col,
+        "collect_parallel": par,
+        "collect_vector_env": vec,
+        "train_ddp": ddp,
+        "train_unroll": unroll,
+        "data": dat,
+        **{f"train_{arch}": tr for arch, tr in trains.items()},
+    }
+    rows = summary_rows(result)
     for name, ratio, detail in rows:
         print(f"{name:<52} {ratio:7.3f}   {detail}")
     write_json(cfg.out, result)
