@@ -1,25 +1,48 @@
 # Two commands on a fresh machine:  make demo   and   make test
-# GPU users: make demo TORCH=torch   (PyPI's default Linux build of torch is the CUDA one)
+# Versions come from requirements.lock (the exact set the tests last passed with) unless LOCK= is
+# given empty; `make lock` rebuilds it from the newest versions the requirements allow.
+# GPU users: make demo TORCH=torch==2.13.0 PIP_TORCH_INDEX=<your CUDA wheel index> (see README).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+PIP_TORCH_INDEX ?=
+LOCK ?= requirements.lock
+PIN := $(if $(LOCK),-c $(LOCK))
 DEMO_DATA ?= data/demo_empty8x8.npz
 DEMO_EPISODES ?= 80
 DEMO_EPOCHS ?= 3
 
-.PHONY: setup setup-extras demo plan plan-unseen ablation test test-all lint clean
+.PHONY: setup setup-dev setup-extras lock demo plan plan-unseen ablation test test-all lint clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# the core: what the pipeline needs to run
+$(BIN)/.installed: requirements.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)" -r requirements-dev.txt
+	$(BIN)/pip install -q $(PIN) "$(TORCH)" $(if $(PIP_TORCH_INDEX),--index-url $(PIP_TORCH_INDEX))
+	$(BIN)/pip install -q $(PIN) -r requirements.txt
+	touch $@
+
+# the tests' tools on top (pytest, ruff, hypothesis, minari with its collector)
+$(BIN)/.installed-dev: $(BIN)/.installed requirements-dev.txt
+	$(BIN)/pip install -q $(PIN) -r requirements-dev.txt
 	touch $@
 
 setup: $(BIN)/.installed
 
-# optional: Atari (ale-py) and CarRacing (box2d, built with swig) for collect_minigrid_data.py --env ALE/... or CarRacing-v3
+setup-dev: $(BIN)/.installed-dev
+
+# optional: Atari (ale-py), CarRacing (box2d, built with swig), Minari datasets (minari[hdf5,create])
 setup-extras: setup
-	$(BIN)/pip install -q -r requirements-extras.txt
+	$(BIN)/pip install -q $(PIN) -r requirements-extras.txt
+
+# requirements.lock from a fresh venv with the newest versions the requirement files allow: run the
+# tests with it, then commit it. torch is pinned without its build label, so the CPU and the CUDA
+# wheels of that version both satisfy it.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q "$(TORCH)" -r requirements-dev.txt
+	.lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -vE '^(nvidia-|triton==)' > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv
 
 # collect -> summarise -> train the CNN JEPA -> inspect: a few minutes on a 2-core CPU
 demo: setup
@@ -55,13 +78,13 @@ plan-unseen: setup
 ablation: setup
 	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme README.md
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q -n auto
 
-test-all: setup
+test-all: setup-dev
 	$(BIN)/python -m pytest -q -n auto -m ""
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:

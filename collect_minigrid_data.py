@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_formats import link_episodes
 from wm_common import (
     Interrupted,
     StopRequest,
@@ -73,7 +74,19 @@ class CollectConfig:
     )
     seed: int = field(default=0, metadata={"help": "episode e is reset with seed+e; actions drawn from (seed, e)"})
     out: str = field(
-        default="", metadata={"help": "output .npz, or a directory name for memory-mapped arrays (default: data/<env>_<obs>.npz)"}
+        default="",
+        metadata={
+            "help": "output .npz, or a directory name for memory-mapped arrays (default: data/<env>_<obs>.npz); "
+            "with --format minari, the Minari dataset id (e.g. minigrid/empty8x8-random-v0)"
+        },
+    )
+    format: str = field(
+        default="npz",
+        metadata={
+            "help": "npz: this project's .npz or array directory; minari: a local Minari dataset that minari.load_dataset opens "
+            "(needs `make setup-extras`)",
+            "choices": ["npz", "minari"],
+        },
     )
     image_size: int = field(default=64, metadata={"help": "frames are resized to this square size (not MiniGrid's symbolic mode)"})
     channels: int = field(default=3, metadata={"help": "3: RGB frames; 1: grayscale", "choices": [1, 3]})
@@ -108,6 +121,13 @@ class CollectConfig:
             "help": "env: the env's own start cell; random: a random empty cell and direction after each reset "
             "(covers the far cells of layouts such as Empty-NxN whose start never changes)",
             "choices": ["env", "random"],
+        },
+    )
+    through_goal: bool = field(
+        default=False,
+        metadata={
+            "help": "MiniGrid: an episode goes on when the agent reaches the goal (or lava) and ends only at --max-steps, "
+            "so the data shows the agent standing on the goal and leaving it (a goal image for planning is such a frame)"
         },
     )
 
@@ -357,7 +377,7 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
         actions.append(a)
         rewards.append(r)
         terms.append(terminated)
-        if terminated or truncated:
+        if truncated or (terminated and not cfg.through_goal):
             break
     t = len(actions)
     all_frames = np.stack(frames)
@@ -371,16 +391,6 @@ def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_siz
         "door_state": np.asarray(doors, np.int64),
         "carrying": np.asarray(carry, np.int64),
     }
-
-
-def link_episodes(lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """The arrays that tie concatenated episodes together: `episode` ids and `next_obs_index`,
-    which points obs_t+1 at the next row of `obs` inside an episode and at the episode's row of
-    `terminal_obs` (after all of `obs`) at its end."""
-    n = int(lengths.sum())
-    next_index = np.arange(1, n + 1, dtype=np.int64)
-    next_index[np.cumsum(lengths) - 1] = n + np.arange(len(lengths))
-    return {"episode": np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), "next_obs_index": next_index}
 
 
 def assemble(episodes: list[dict[str, np.ndarray]], meta: dict) -> dict[str, np.ndarray]:
@@ -519,7 +529,19 @@ def remove_leftovers(folder: Path, targets: str, is_dir: Callable[[str], bool]) 
 # lengths) and `progress.json` records which are complete. Interrupted, the shards stay and
 # --resume carries on from the next episode; finished, they are merged into --out.
 
-RESUME_KEYS = ("env", "seed", "max_steps", "image_size", "channels", "frame_skip", "obs", "actions", "fixed_layout", "start")
+RESUME_KEYS = (
+    "env",
+    "seed",
+    "max_steps",
+    "image_size",
+    "channels",
+    "frame_skip",
+    "obs",
+    "actions",
+    "fixed_layout",
+    "start",
+    "through_goal",
+)
 
 
 def parts_dir(out: Path) -> Path:
@@ -618,7 +640,7 @@ def open_source(cfg: CollectConfig, minigrid_env: bool):
     if minigrid_env:
         env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
         n_actions = int(env.action_space.n)
-        extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout}
+        extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout, "through_goal": cfg.through_goal}
         return (
             env,
             lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size),
@@ -727,17 +749,49 @@ def check_against_env(cfg: CollectConfig, env, minigrid_env: bool) -> None:
         )
 
 
+def minari_staging(cfg: CollectConfig) -> Path:
+    """With --format minari, the episodes are first collected into a .npz beside minari's datasets
+    (so an interrupted collection resumes as any other), then exported. Refuses an id that
+    exists unless --overwrite."""
+    import dataset_formats
+
+    if not cfg.out:
+        fail("--format minari needs --out <dataset id>, e.g. --out minigrid/empty8x8-random-v0")
+    dataset_formats.check_dataset_id(cfg.out)
+    if (dataset_formats.datasets_root() / cfg.out).exists() and not cfg.overwrite:
+        fail(
+            f"Minari dataset {cfg.out} already exists in {dataset_formats.datasets_root()}; pass --overwrite to replace it or pick another id"
+        )
+    root = check_writable_dir(dataset_formats.datasets_root(), "Minari datasets directory")
+    return root / f".{cfg.out.replace('/', '_')}.collecting.npz"
+
+
+def export_minari(staging: Path, cfg: CollectConfig) -> Path:
+    """The collected .npz as the Minari dataset --out; the .npz goes once the dataset is written."""
+    import dataset_formats
+    from minigrid_dataset import load_arrays
+
+    arrays, meta, _ = load_arrays(staging)
+    target = dataset_formats.write(arrays, meta, cfg.out, cfg.overwrite)
+    staging.unlink()
+    return target
+
+
 def main(cfg: CollectConfig) -> Path:
     from tqdm import tqdm
 
     check_flags(cfg)
-    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
-    has_data = check_out(out, cfg)
+    if cfg.format == "minari":
+        out = minari_staging(cfg)
+        has_data = False
+    else:
+        out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
+        has_data = check_out(out, cfg)
     minigrid_env = is_minigrid(cfg.env)
     if minigrid_env and cfg.frame_skip != 1:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
-    if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout):
-        fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start and --fixed-layout apply to MiniGrid only")
+    if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout or cfg.through_goal):
+        fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start, --fixed-layout and --through-goal apply to MiniGrid only")
     parts = parts_dir(out)
     if os.path.lexists(parts) and not parts.is_dir():
         fail(f"{parts}, where a collection into {out} keeps its shards, is {odd_path(parts) or 'a file'}; remove it")
@@ -747,7 +801,9 @@ def main(cfg: CollectConfig) -> Path:
         if not parts.is_dir():
             fail(f"--resume: no interrupted collection into {out} (no {parts}); collect without --resume")
         progress = read_progress(parts)
-        changed = [k for k in RESUME_KEYS if progress["settings"].get(k) != settings[k]]
+        # a setting newer than the interrupted collection was at its default there
+        defaults = CollectConfig()
+        changed = [k for k in RESUME_KEYS if progress["settings"].get(k, getattr(defaults, k)) != settings[k]]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             fail(f"--resume: {flags} differ from the interrupted collection's; resume with the same flags")
@@ -839,7 +895,9 @@ def main(cfg: CollectConfig) -> Path:
                 atomic_write(out, lambda p: _savez(p, arrays))
             else:
                 write_array_dir(out, arrays)
-    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
+    if cfg.format == "minari":
+        out = export_minari(out, cfg)
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     n = sum(s["transitions"] for s in progress["shards"]) or total
     print(
         f"Saved {n} transitions from {cfg.episodes} episodes ({frame_shape[0]}x{frame_shape[1]}x{frame_shape[2]} "

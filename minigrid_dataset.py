@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import dataset_formats
 from wm_common import cpu_cores, fail, odd_path, run_cli
 
 LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
@@ -136,10 +137,15 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     odd = odd_path(p)
     if odd:
         fail(f"data {path} is {odd}, not a file or directory written by collect_minigrid_data.py; fix --data")
-    if p.is_dir():
+    if dataset_formats.dataset_dir(p) is not None:
+        arrays = dataset_formats.read(p)
+    elif p.is_dir():
         arrays = load_array_dir(p)
     elif not p.is_file():
-        fail(f"data file {path} not found; run collect_minigrid_data.py first or fix --data")
+        fail(
+            f"data file {path} not found (nor a local Minari dataset of that id under {dataset_formats.datasets_root()}); "
+            "run collect_minigrid_data.py first or fix --data"
+        )
     else:
         arrays = load_npz(p)
     notes: list[str] = []

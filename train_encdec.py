@@ -122,6 +122,10 @@ def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: t
     fig.tight_layout()
     out = run_dir / "predictions.png"
     atomic_write(out, lambda p: fig.savefig(p, dpi=80, format="png"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(run_dir)) as board:  # the same picture beside the run's scalars
+        board.add_figure("predictions", fig, int(ckpt["step"]))
     plt.close(fig)
     return out
 

@@ -667,11 +667,17 @@ def collapse_warning(std: float, rank: float, dim: int) -> bool:
 
 
 class MetricsLog:
-    """`metrics.csv`, one row per logged step (phase `train`) or per epoch (phase `val`). On
-    resume, rows written after the checkpoint's step are dropped so the curve has no doubles."""
+    """`metrics.csv`, one row per logged step (phase `train`) or per epoch (phase `val`), and the
+    same values as TensorBoard scalars (`<phase>/<term>`) in event files beside it. On resume,
+    rows written after the checkpoint's step are dropped so the curve has no doubles (TensorBoard
+    is told the same with `purge_step`)."""
 
     def __init__(self, path: Path, fields: list[str], keep_until_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
         self.path, self.fields = path, fields
+        purge = keep_until_step + 1 if keep_until_step is not None else None
+        self.board = SummaryWriter(log_dir=str(path.parent), purge_step=purge)
         rows = []
         if keep_until_step is not None and path.is_file():
             with path.open() as f:
@@ -690,8 +696,15 @@ class MetricsLog:
             with self.path.open("a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            for k, v in row.items():
+                if k in self.fields and k not in ("step", "epoch", "phase") and isinstance(v, (int, float)):
+                    self.board.add_scalar(f"{row['phase']}/{k}", v, int(row["step"]))
+            self.board.flush()  # a run stopped or failed later keeps every row it logged
         except OSError as e:
             fail(f"cannot write {printable(self.path)} ({write_error(e)}); the run's checkpoint is kept, continue with --resume")
+
+    def close(self) -> None:
+        self.board.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, str]]:
@@ -993,6 +1006,8 @@ def fit(
                 )
     if main_rank and not (out / "loss.png").exists() and (out / "metrics.csv").exists():
         plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
+    if log is not None:
+        log.close()
     return summary
 
 
