@@ -74,9 +74,9 @@ plan-unseen: setup
 	$(BIN)/python plan_with_world_model.py --checkpoint $(OUT)/model --planner imagined --env $(ENV) --seed $(EVAL_SEED) \
 		--episodes $(PLAN_EPISODES) --out-dir $(OUT)
 
-# after make demo: each term of the objective removed in turn, same data and budget; rewrites the README's table (~25 min on 2 cores)
+# after make demo: each term of the objective removed in turn, same data and budget; rewrites the table in docs/training.md (~25 min on 2 cores)
 ablation: setup
-	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme README.md
+	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme docs/training.md
 
 test: setup-dev
 	$(BIN)/python -m pytest -q -n auto

@@ -1,6 +1,6 @@
 """Which parts of the JEPA objective matter? Trains the default model and one variant per
 removed (or swapped) term on the same data, budget and seeds, inspects each on the held-out
-episodes, and writes the table the README's ablation section shows.
+episodes, and writes the table docs/training.md shows.
 
     python ablation.py --data data/demo_empty8x8.npz --steps 800 --seeds 0 1 --out-dir ablation
 

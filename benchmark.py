@@ -91,7 +91,7 @@ def bench_collect(cfg: BenchConfig, tmp: Path) -> dict:
     steps = bare()
     bare_rate = steps / (time.perf_counter() - t)
     t = time.perf_counter()
-    episodes = [run_episode(env, e, ccfg, int(env.action_space.n), ccfg.image_size) for e in range(cfg.episodes)]
+    episodes = [run_episode(env, e, ccfg, int(env.action_space.n), ccfg.image_size, ccfg.seed + e) for e in range(cfg.episodes)]
     collect_rate = steps / (time.perf_counter() - t)
     arrays = assemble(episodes, {"env": cfg.env})
     t2 = time.perf_counter()

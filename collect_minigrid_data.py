@@ -123,6 +123,13 @@ class CollectConfig:
             "choices": ["env", "random"],
         },
     )
+    exclude_layouts: str = field(
+        default="",
+        metadata={
+            "help": "MiniGrid: START:END, reset seeds whose layouts the data must not hold (e.g. a planner's evaluation seeds); "
+            "a seed that draws one of them is passed over for the next, and meta records the seeds used"
+        },
+    )
     through_goal: bool = field(
         default=False,
         metadata={
@@ -354,13 +361,52 @@ def current_obs(env):
     return obs
 
 
-def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_size: int) -> dict[str, np.ndarray]:
-    """One seeded episode. Returns per-step arrays plus `terminal_obs` (the frame after the last
-    step)."""
+def layout_key(env, seed: int) -> bytes:
+    """The layout a reset with `seed` draws: the grid's cells, without the agent."""
+    env.reset(seed=seed)
+    return env.unwrapped.grid.encode().tobytes()
+
+
+def parse_seed_range(text: str, flag: str) -> range:
+    match = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not match or int(match[1]) >= int(match[2]):
+        fail(f"{flag} must be START:END, reset seeds START to END-1 (e.g. 10000:10020), got {text!r}")
+    return range(int(match[1]), int(match[2]))
+
+
+def reset_seeds(env, cfg: CollectConfig) -> list[int]:
+    """The reset seed of every episode: --seed + e, except that with --exclude-layouts a seed
+    whose layout is one of the excluded seeds' is passed over for the next one."""
+    if cfg.fixed_layout:
+        seeds = [cfg.seed] * cfg.episodes
+    else:
+        seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
+    if not cfg.exclude_layouts:
+        return seeds
+    excluded = {layout_key(env, s) for s in parse_seed_range(cfg.exclude_layouts, "--exclude-layouts")}
+    if cfg.fixed_layout:
+        if layout_key(env, cfg.seed) in excluded:
+            fail(
+                f"--fixed-layout --seed {cfg.seed} draws a layout that --exclude-layouts {cfg.exclude_layouts} excludes; pick another --seed"
+            )
+        return seeds
+    seeds, candidate = [], cfg.seed
+    while len(seeds) < cfg.episodes:
+        if candidate - cfg.seed > 100 * cfg.episodes + 1000:
+            fail(f"{cfg.env}: the seeds from {cfg.seed} on draw only layouts that --exclude-layouts {cfg.exclude_layouts} excludes")
+        if layout_key(env, candidate) not in excluded:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds
+
+
+def run_episode(env, episode: int, cfg: CollectConfig, n_actions: int, image_size: int, seed: int) -> dict[str, np.ndarray]:
+    """One episode, reset with `seed`. Returns per-step arrays plus `terminal_obs` (the frame
+    after the last step)."""
     base = env.unwrapped
     rng = np.random.default_rng([cfg.seed, episode])
     choices = np.array(NAV_ACTIONS if cfg.actions == "nav" else range(n_actions))
-    obs, _ = env.reset(seed=cfg.seed if cfg.fixed_layout else cfg.seed + episode)
+    obs, _ = env.reset(seed=seed)
     if cfg.start == "random":
         obs = place_agent_randomly(env, rng)
     goal = goal_position(base)
@@ -640,10 +686,13 @@ def open_source(cfg: CollectConfig, minigrid_env: bool):
     if minigrid_env:
         env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
         n_actions = int(env.action_space.n)
+        seeds = reset_seeds(env, cfg)
         extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout, "through_goal": cfg.through_goal}
+        if cfg.exclude_layouts:
+            extra.update(exclude_layouts=cfg.exclude_layouts, reset_seeds=seeds)
         return (
             env,
-            lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size),
+            lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size, seeds[e]),
             {"type": "discrete", "n": n_actions},
             {"obs_mode": cfg.obs, "extra": extra},
         )
@@ -704,6 +753,8 @@ def check_flags(cfg: CollectConfig) -> None:
         )
     if not (cfg.shard_mb > 0 and math.isfinite(cfg.shard_mb)):
         fail(f"--shard-mb must be a positive number of MB, got {cfg.shard_mb}")
+    if cfg.exclude_layouts:
+        parse_seed_range(cfg.exclude_layouts, "--exclude-layouts")
 
 
 def check_out(out: Path, cfg: CollectConfig) -> bool:
@@ -790,8 +841,13 @@ def main(cfg: CollectConfig) -> Path:
     minigrid_env = is_minigrid(cfg.env)
     if minigrid_env and cfg.frame_skip != 1:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
-    if not minigrid_env and (cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout or cfg.through_goal):
-        fail(f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start, --fixed-layout and --through-goal apply to MiniGrid only")
+    if not minigrid_env and (
+        cfg.obs != "rgb" or cfg.actions != "all" or cfg.start != "env" or cfg.fixed_layout or cfg.through_goal or cfg.exclude_layouts
+    ):
+        fail(
+            f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start, --fixed-layout, --through-goal and --exclude-layouts "
+            "apply to MiniGrid only"
+        )
     parts = parts_dir(out)
     if os.path.lexists(parts) and not parts.is_dir():
         fail(f"{parts}, where a collection into {out} keeps its shards, is {odd_path(parts) or 'a file'}; remove it")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, make_env, place_agent_randomly
+from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, layout_key, make_env, place_agent_randomly
 from collect_minigrid_data import to_frames as collector_frames
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
@@ -565,12 +565,6 @@ def run_episode(
 MAX_LAYOUTS_COMPARED = 5000
 
 
-def layout_key(env, seed: int) -> bytes:
-    """The layout a reset with `seed` draws: the grid's cells, without the agent."""
-    env.reset(seed=seed)
-    return env.unwrapped.grid.encode().tobytes()
-
-
 def evaluated_layouts(env, env_id: str, meta: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     """Were the evaluation's layouts in the training data? Compared as drawn, grid by grid, not by
     seed: an env such as Empty-8x8 draws one room whatever the seed."""
@@ -583,7 +577,10 @@ def evaluated_layouts(env, env_id: str, meta: dict[str, Any], seeds: list[int]) 
     if not (isinstance(first, int) and isinstance(count, int)):
         report.update(seen_in_training=None, summary="unknown: the training data does not record its reset seeds")
         return report
-    train_seeds = [first] if config.get("fixed_layout") or meta.get("fixed_layout") else range(first, first + count)
+    if isinstance(meta.get("reset_seeds"), list):  # collected with --exclude-layouts: the seeds it used
+        train_seeds = meta["reset_seeds"]
+    else:
+        train_seeds = [first] if config.get("fixed_layout") or meta.get("fixed_layout") else range(first, first + count)
     compared = list(train_seeds)[:MAX_LAYOUTS_COMPARED]
     trained = {layout_key(env, s) for s in compared}
     seen = sum(layout_key(env, s) in trained for s in sorted(set(seeds)))

@@ -45,7 +45,7 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
     num_decoder_layers: int = field(default=2, metadata={"help": "decoder transformer blocks"})
     num_examples: int = field(default=8, metadata={"help": "held-out examples drawn in predictions.png"})
     # Seed 000's encoder-decoder (--decoder cross --no-residual --patch-norm --patch-size 16) predicts a
-    # blurred board without the agent; these defaults draw it on its next cell (measured in the README).
+    # blurred board without the agent; these defaults draw it on its next cell (measured in docs/training.md).
     patch_size: int = field(default=8, metadata={"help": "ViT: patch size; 8 makes a MiniGrid cell of 8 px one token"})
     patch_norm: bool = field(
         default=False, metadata={"help": "LayerNorm over each patch's pixels (seed 000); it erases a uniform patch's brightness"}

@@ -56,7 +56,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, data)
     assert "x 2 processes (DDP), global batch 32" in proc.stdout
     assert proc.stdout.count("Saved ") == 1  # rank 0 alone speaks and writes
     assert_same_training(one, two, "jepa_cnn")
-    assert sorted(p.name for p in two.iterdir()) == ["config.json", "loss.png", "metrics.csv", "model.pt"]
+    names = sorted(p.name for p in two.iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1  # rank 0's TensorBoard file only
+    assert [n for n in names if n not in events] == ["config.json", "loss.png", "metrics.csv", "model.pt"]
 
 
 @pytest.mark.slow
