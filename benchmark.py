@@ -41,7 +41,8 @@ from collect_minigrid_data import check_flags as check_collect_flags
 from collect_minigrid_data import main as collect_main
 from minigrid_dataset import MiniGridTransitions, make_loaders
 from train_jepa import TrainConfig, cnn_config
-from wm_common import FitSettings, check_writable_dir, choose_device, fail, fit, run_cli, seed_everything, write_json
+from training import FitSettings, fit
+from wm_common import check_writable_dir, choose_device, fail, run_cli, seed_everything, write_json
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from losses import collapse_warning, effective_rank, embedding_std
 from minigrid_dataset import OPTIONAL_PROBE_KEYS, PROBE_KEYS, MiniGridTransitions, split_episodes
 from wm_common import (
     atomic_write,
@@ -27,9 +28,6 @@ from wm_common import (
     check_seed,
     check_writable_dir,
     choose_device,
-    collapse_warning,
-    effective_rank,
-    embedding_std,
     fail,
     load_checkpoint,
     run_cli,

@@ -17,19 +17,8 @@ import numpy as np
 import torch
 
 from minigrid_dataset import MiniGridTransitions, split_episodes
-from wm_common import (
-    SEED000_ALIASES,
-    SEED000_COLLECTION_KEYS,
-    RunConfig,
-    atomic_write,
-    check_sizes,
-    choose_device,
-    fail,
-    load_checkpoint,
-    rank,
-    run_cli,
-    run_training,
-)
+from training import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, run_training
+from wm_common import atomic_write, check_sizes, choose_device, fail, load_checkpoint, rank, run_cli
 from world_model_vit import DECODERS, EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
 
 MAX_EXAMPLES = 64  # rows of predictions.png: more would pass matplotlib's 2**16-pixel figure limit

@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from wm_common import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, check_sizes, fail, rank, run_cli, run_training
+from training import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, run_training
+from wm_common import check_sizes, fail, rank, run_cli
 from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel, feature_map_shape
 from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
 

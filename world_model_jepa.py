@@ -29,13 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import (
+from losses import (
     action_embedding,
     add_dynamics_terms,
     ema_update,
     flat_steps,
     frames_to_float,
-    gather_batch,
     inverse_dynamics_head,
     jepa_term_names,
     latent_rollout,
@@ -43,6 +42,7 @@ from wm_common import (
     vicreg_cov_loss,
     vicreg_std_loss,
 )
+from wm_common import gather_batch
 
 TARGETS = ("ema", "online")
 PRED_LOSSES = ("normalized", "mse")

@@ -33,13 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wm_common import (
+from losses import (
     action_embedding,
     add_dynamics_terms,
     ema_update,
     flat_steps,
     frames_to_float,
-    gather_batch,
     inverse_dynamics_head,
     jepa_term_names,
     latent_rollout,
@@ -47,6 +46,7 @@ from wm_common import (
     vicreg_std_loss,
 )
 from wm_common import fail as raise_user
+from wm_common import gather_batch
 
 
 @dataclass

@@ -11,24 +11,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train_jepa import TrainConfig
-from wm_common import SEED000_ALIASES as ALIASES
-from wm_common import (
-    UserError,
-    atomic_write,
-    choose_device,
+from losses import (
     collapse_warning,
     effective_rank,
     ema_update,
     embedding_std,
-    load_checkpoint,
     normalized_mse,
     off_diagonal,
-    parse_config,
-    save_checkpoint,
     vicreg_cov_loss,
     vicreg_std_loss,
 )
+from train_jepa import TrainConfig
+from training import SEED000_ALIASES as ALIASES
+from wm_common import UserError, atomic_write, choose_device, load_checkpoint, parse_config, save_checkpoint
 
 # ----------------------------------------------------------------------------- losses
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from collect_minigrid_data import to_frames
 from inspect_jepa_model import model_from_checkpoint
+from losses import action_embedding
 from minigrid_dataset import MiniGridTransitions
-from wm_common import action_embedding, load_checkpoint, run_cli, save_checkpoint
+from wm_common import load_checkpoint, run_cli, save_checkpoint
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 

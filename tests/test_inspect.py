@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, collect, majority_rate, ok, run
 
 from inspect_jepa_model import HORIZONS, linear_probe, probe_labels, probe_suite, rollout_errors, whole_episodes
+from losses import collapse_warning
 from minigrid_dataset import split_episodes
-from wm_common import collapse_warning
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -398,7 +398,7 @@ def test_inspect_two_checkpoints_writes_eval_png_and_compare(pair, tiny_npz):
 def test_inspector_and_trainer_agree_on_collapse(pair, runs):
     """Both measure the online latents of the same held-out episodes with the same model, so the
     numbers match the trainer's last validation row and the verdict is the one
-    wm_common.collapse_warning gives for them (reg=none collapses at this budget, vicreg need not
+    losses.collapse_warning gives for them (reg=none collapses at this budget, vicreg need not
     escape it yet)."""
     out, proc = pair
     ev = json.loads((out / "eval.json").read_text())

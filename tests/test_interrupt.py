@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import ROOT, THREADS, ok, run
 
-from wm_common import FitSettings, UserError, fit
+from training import FitSettings, fit
+from wm_common import UserError
 
 # 8 episodes of 40 steps, batch 8, one-step windows: 35 steps per epoch
 RUN = ("--epochs", "2", "--batch-size", "8", "--seed", "4", "--unroll", "1")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import one_step
 
-from wm_common import normalized_mse, vicreg_cov_loss, vicreg_std_loss
+from losses import normalized_mse, vicreg_cov_loss, vicreg_std_loss
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 
 

@@ -36,6 +36,7 @@ import minigrid_dataset
 import plan_with_world_model
 import train_encdec
 import train_jepa
+import training
 import wm_common
 from collect_minigrid_data import assemble, episode_arrays, write_array_dir
 from minigrid_dataset import MAX_DISCRETE_ACTIONS, MiniGridTransitions, make_loaders, summary
@@ -56,13 +57,13 @@ SCRIPTS = {
         "train_jepa.py",
         train_jepa,
         train_jepa.TrainConfig,
-        dict(aliases=wm_common.SEED000_ALIASES, ignored=wm_common.SEED000_COLLECTION_KEYS + train_jepa.ENCDEC_KEYS),
+        dict(aliases=training.SEED000_ALIASES, ignored=training.SEED000_COLLECTION_KEYS + train_jepa.ENCDEC_KEYS),
     ),
     "train_encdec": (
         "train_encdec.py",
         train_encdec,
         train_encdec.EncDecTrainConfig,
-        dict(aliases=wm_common.SEED000_ALIASES, ignored=wm_common.SEED000_COLLECTION_KEYS + train_encdec.JEPA_KEYS),
+        dict(aliases=training.SEED000_ALIASES, ignored=training.SEED000_COLLECTION_KEYS + train_encdec.JEPA_KEYS),
     ),
     "inspect": ("inspect_jepa_model.py", inspect_jepa_model, inspect_jepa_model.InspectConfig, {}),
     "plan": ("plan_with_world_model.py", plan_with_world_model, plan_with_world_model.PlanConfig, {}),

@@ -17,6 +17,7 @@ import torch
 from conftest import collect
 from test_reliability import assert_one_line_error_in_process, call
 
+import training
 import wm_common
 from minigrid_dataset import load_npz
 
@@ -49,7 +50,7 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 
 
 def _hold_lock(out: str, ready, release) -> None:
-    with wm_common.run_lock(Path(out)):
+    with training.run_lock(Path(out)):
         ready.set()
         release.wait(30)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, one_step, run
 
+from losses import normalized_mse, smoothness_loss, vicreg_cov_loss, vicreg_std_loss
 from minigrid_dataset import MiniGridTransitions, make_loaders, split_episodes, window_starts
-from wm_common import normalized_mse, overfitting, smoothness_loss, vicreg_cov_loss, vicreg_std_loss
+from training import overfitting
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
