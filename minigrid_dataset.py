@@ -133,6 +133,19 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     user can cause is a one-line UserError naming the file and the fix. The arrays returned have
     the dtypes the dataset serves: uint8 frames, int64 (discrete) or float32 actions, float32
     reward, bool done, int64 indices, episodes and labels."""
+    arrays = _read(path)
+    notes: list[str] = []
+    meta = _meta(path, arrays)
+    _check_keys(path, arrays, notes)
+    n = _check_frames(path, arrays)
+    _check_actions(path, arrays, meta.get("action_space") or {}, n)
+    _check_per_step(path, arrays, n, notes)
+    notes += _missing_notes(arrays, meta)
+    return arrays, meta, notes
+
+
+def _read(path: str | Path) -> dict[str, np.ndarray]:
+    """The raw arrays of a .npz, an array directory or a Minari dataset, legacy names renamed."""
     p = Path(path)
     odd = odd_path(p)
     if odd:
@@ -148,10 +161,14 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         )
     else:
         arrays = load_npz(p)
-    notes: list[str] = []
     for old, new in LEGACY_NAMES.items():
         if old in arrays and new not in arrays:
             arrays[new] = arrays.pop(old)
+    return arrays
+
+
+def _meta(path: str | Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The 'meta' entry, parsed and checked (and taken out of the arrays)."""
     meta: dict[str, Any] = {}
     if "meta" in arrays:
         try:
@@ -161,6 +178,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     if not isinstance(meta, dict):
         fail(f"{path} has a 'meta' entry that is not a JSON object; re-run collect_minigrid_data.py")
     _check_meta(path, meta)
+    return meta
+
+
+def _check_keys(path: str | Path, arrays: dict[str, np.ndarray], notes: list[str]) -> None:
+    """The keys every transitions file needs; unknown ones are dropped with a note."""
     missing = [k for k in ("obs", "action", "reward", "done") if k not in arrays]
     if "next_obs" not in arrays and not {"next_obs_index", "terminal_obs"} <= arrays.keys():
         missing.append("next_obs (or next_obs_index + terminal_obs)")
@@ -173,6 +195,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         notes.append(f"ignored keys this loader does not know: {', '.join(unknown)}")
         for k in unknown:
             del arrays[k]
+
+
+def _check_frames(path: str | Path, arrays: dict[str, np.ndarray]) -> int:
+    """obs, terminal_obs and next_obs_index (a full next_obs array is turned into them); returns
+    the number of transitions."""
     obs = arrays["obs"]
     if obs.dtype != np.uint8 or obs.ndim != 4:
         fail(f"{path}: 'obs' must be uint8 frames [N,H,W,C], got {obs.dtype} {list(obs.shape)}")
@@ -197,8 +224,13 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     if nxt_idx.min() < 0 or nxt_idx.max() >= n + len(term):
         fail(f"{path}: 'next_obs_index' points outside the stored frames; the file is damaged, re-collect it")
     arrays["next_obs_index"] = nxt_idx.astype(np.int64, copy=False)
+    return n
+
+
+def _check_actions(path: str | Path, arrays: dict[str, np.ndarray], space: dict[str, Any], n: int) -> None:
+    """Discrete actions [N] as int64, continuous [N,A] as float32, checked against the recorded
+    action space."""
     action = arrays["action"]
-    space = meta.get("action_space") or {}
     if action.ndim not in (1, 2):
         fail(f"{path}: 'action' must be [N] (discrete) or [N,A] (continuous), got {list(action.shape)}")
     if len(action) != n:
@@ -239,6 +271,10 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
                     f"{path}: actions range {action.min():.3g}..{action.max():.3g}, outside the recorded bounds {space['low']}..{space['high']}"
                 )
         arrays["action"] = action.astype(np.float32, copy=False)
+
+
+def _check_per_step(path: str | Path, arrays: dict[str, np.ndarray], n: int, notes: list[str]) -> None:
+    """reward, done, terminated, episode ids and the integer labels, one per transition."""
     reward = arrays["reward"]
     if reward.shape != (n,):
         fail(f"{path}: 'reward' must have shape [{n}], got {list(reward.shape)}")
@@ -262,6 +298,11 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             if not np.issubdtype(arrays[key].dtype, np.integer):
                 fail(f"{path}: '{key}' must be integers, got {arrays[key].dtype}")
             arrays[key] = _as_int64(path, key, arrays[key])
+
+
+def _missing_notes(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> list[str]:
+    """What the stages will have to do without."""
+    notes = []
     if any(k not in arrays for k in PROBE_KEYS):
         env = str(meta.get("env", ""))
         if not env or env.startswith("MiniGrid"):
@@ -270,7 +311,7 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             notes.append(f"{env} is not a MiniGrid env: no ground truth for probes (collapse and rollout metrics still apply)")
     if not meta:
         notes.append("no 'meta': env id and collection settings unknown")
-    return arrays, meta, notes
+    return notes
 
 
 def dataset_shards(path: str | Path) -> list[Path]:
