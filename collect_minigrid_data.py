@@ -828,17 +828,15 @@ def export_minari(staging: Path, cfg: CollectConfig) -> Path:
     return target
 
 
-def main(cfg: CollectConfig) -> Path:
-    from tqdm import tqdm
-
-    check_flags(cfg)
+def output_path(cfg: CollectConfig) -> tuple[Path, bool]:
+    """Where the collection goes, and whether a dataset is there already."""
     if cfg.format == "minari":
-        out = minari_staging(cfg)
-        has_data = False
-    else:
-        out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
-        has_data = check_out(out, cfg)
-    minigrid_env = is_minigrid(cfg.env)
+        return minari_staging(cfg), False
+    out = Path(cfg.out or f"data/{cfg.env.replace('/', '_')}_{cfg.obs}.npz")  # ALE/Pong-v5 -> data/ALE_Pong-v5_rgb.npz
+    return out, check_out(out, cfg)
+
+
+def check_env_flags(cfg: CollectConfig, minigrid_env: bool) -> None:
     if minigrid_env and cfg.frame_skip != 1:
         fail("--frame-skip is for non-MiniGrid envs: a MiniGrid step is already one grid move")
     if not minigrid_env and (
@@ -848,7 +846,11 @@ def main(cfg: CollectConfig) -> Path:
             f"{cfg.env} is not a MiniGrid env: --obs, --actions nav, --start, --fixed-layout, --through-goal and --exclude-layouts "
             "apply to MiniGrid only"
         )
-    parts = parts_dir(out)
+
+
+def resume_progress(cfg: CollectConfig, out: Path, parts: Path) -> dict:
+    """The shards an interrupted collection kept (with --resume, under the same flags), or a
+    fresh start; kept shards without --resume are refused, never dropped."""
     if os.path.lexists(parts) and not parts.is_dir():
         fail(f"{parts}, where a collection into {out} keeps its shards, is {odd_path(parts) or 'a file'}; remove it")
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
@@ -868,19 +870,16 @@ def main(cfg: CollectConfig) -> Path:
     first = sum(s["episodes"] for s in progress["shards"])
     if first > cfg.episodes:
         fail(f"--resume: the interrupted collection already has {first} episodes, more than --episodes {cfg.episodes}")
-    env, episode, space, source_meta = open_source(cfg, minigrid_env)
-    try:
-        check_against_env(cfg, env, minigrid_env)
-        if has_data and not cfg.overwrite:
-            fail(
-                f"--out {out} already holds a dataset; pass --overwrite to replace it (once the new one is complete) or choose another --out"
-            )
-        check_writable_dir(out.parent, "output directory")
-    except UserError:
-        env.close()
-        raise
-    remove_leftovers(out.parent, re.escape(out.name), lambda name: out.suffix != ".npz")
-    remove_leftovers(parts, r"shard_\d{5}|progress\.json", lambda name: name != "progress.json")
+    return progress
+
+
+def play(cfg: CollectConfig, env, episode: Callable, parts: Path, progress: dict) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Plays the episodes still to do (in --num-envs workers), sending full buffers to shards.
+    Returns the episodes still buffered and the transitions played. Ctrl-C or SIGTERM ends the
+    current episode, keeps everything played as a shard and raises Interrupted."""
+    from tqdm import tqdm
+
+    first = sum(s["episodes"] for s in progress["shards"])
     buffer: list[dict[str, np.ndarray]] = []
     buffered_bytes, total, pool = 0, 0, None
     todo = range(first, cfg.episodes)
@@ -923,9 +922,11 @@ def main(cfg: CollectConfig) -> Path:
         )
     if progress["shards"] and buffer:
         write_shard(parts, progress, buffer)
-    first_frames = buffer[0]["obs"] if not progress["shards"] else np.load(parts / progress["shards"][0]["name"] / "obs.npy", mmap_mode="r")
-    frame_shape = list(first_frames.shape[1:])
-    meta = {
+    return buffer, total
+
+
+def collection_meta(cfg: CollectConfig, frame_shape: list[int], space: dict, source_meta: dict) -> dict:
+    return {
         "env": cfg.env,
         "seed": cfg.seed,
         "episodes": cfg.episodes,
@@ -940,17 +941,48 @@ def main(cfg: CollectConfig) -> Path:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": to_jsonable(cfg),
     }
+
+
+def write_dataset(out: Path, parts: Path, progress: dict, buffer: list[dict[str, np.ndarray]], meta: dict) -> None:
+    """The shards merged into --out, or the buffered episodes written to it, atomically."""
     if progress["shards"]:
         with writing(out, f"the episodes stay in {parts}: free some space and finish with the same command and --resume"):
             merge_shards(parts, progress, out, meta)
         shutil.rmtree(parts)
-    else:
-        arrays = assemble(buffer, meta)
-        with writing(out, "free some space and run again"):
-            if out.suffix == ".npz":
-                atomic_write(out, lambda p: _savez(p, arrays))
-            else:
-                write_array_dir(out, arrays)
+        return
+    arrays = assemble(buffer, meta)
+    with writing(out, "free some space and run again"):
+        if out.suffix == ".npz":
+            atomic_write(out, lambda p: _savez(p, arrays))
+        else:
+            write_array_dir(out, arrays)
+
+
+def main(cfg: CollectConfig) -> Path:
+    check_flags(cfg)
+    out, has_data = output_path(cfg)
+    minigrid_env = is_minigrid(cfg.env)
+    check_env_flags(cfg, minigrid_env)
+    parts = parts_dir(out)
+    progress = resume_progress(cfg, out, parts)
+    env, episode, space, source_meta = open_source(cfg, minigrid_env)
+    try:
+        check_against_env(cfg, env, minigrid_env)
+        if has_data and not cfg.overwrite:
+            fail(
+                f"--out {out} already holds a dataset; pass --overwrite to replace it (once the new one is complete) or choose another --out"
+            )
+        check_writable_dir(out.parent, "output directory")
+    except UserError:
+        env.close()
+        raise
+    remove_leftovers(out.parent, re.escape(out.name), lambda name: out.suffix != ".npz")
+    remove_leftovers(parts, r"shard_\d{5}|progress\.json", lambda name: name != "progress.json")
+    buffer, total = play(cfg, env, episode, parts, progress)
+    first_frames = buffer[0]["obs"] if not progress["shards"] else np.load(parts / progress["shards"][0]["name"] / "obs.npy", mmap_mode="r")
+    frame_shape = list(first_frames.shape[1:])
+    meta = collection_meta(cfg, frame_shape, space, source_meta)
+    write_dataset(out, parts, progress, buffer, meta)
     if cfg.format == "minari":
         out = export_minari(out, cfg)
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

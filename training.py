@@ -238,169 +238,198 @@ def fit(
     `--resume` continues with exactly the batches (and, on CPU, the losses) of an uninterrupted
     run. Under torchrun the model runs in DDP and only rank 0 writes. Returns a summary of the
     last epoch."""
-    out = settings.out_dir
-    main_rank = rank() == 0
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    step, start_epoch, start_batch, carried = 0, 0, 0, None
-    if resume_from is not None:
-        opt.load_state_dict(resume_from["optimizer"])
-        for group in opt.param_groups:  # the optimiser state keeps its moments; the flags set lr and decay
-            group.update(lr=settings.lr, weight_decay=settings.weight_decay)
-        step, start_epoch = int(resume_from["step"]), int(resume_from["epoch"])
-        start_batch = int(resume_from.get("batch_in_epoch", 0))
-        if start_batch:
-            carried = _Running(**resume_from["running"])
+    loop = _Loop(model, train_loader, val_loader, device, settings, checkpoint_info, resume_from)
+    try:
+        with StopRequest("training") as stop:
+            for epoch in range(loop.start_epoch, settings.epochs):
+                loop.train_epoch(epoch, stop)
+                loop.end_epoch(epoch, stop)
+        loop.finish()
+    finally:
+        if loop.log is not None:
+            loop.log.close()
+    return loop.summary
+
+
+class _Loop:
+    """`fit`'s state: the optimiser, where the run is (step, epoch, batch), the log, and the
+    per-epoch history the overfitting warning reads."""
+
+    def __init__(self, model, train_loader, val_loader, device, settings: FitSettings, checkpoint_info, resume_from) -> None:
+        self.model, self.train_loader, self.val_loader, self.device = model, train_loader, val_loader, device
+        self.settings, self.checkpoint_info, self.out = settings, checkpoint_info, settings.out_dir
+        self.main_rank = rank() == 0
+        self.opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.step, self.start_epoch, self.start_batch, self.carried = 0, 0, 0, None
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.latent_dim = getattr(model, "latent_dim", None)
+        fields = ["step", "epoch", "phase", "loss", *model.term_names(), "embedding_std", "effective_rank", "samples_per_s", "time_s"]
+        keep = self.step if resume_from else None
+        self.log = MetricsLog(self.out / "metrics.csv", fields, keep_until_step=keep) if self.main_rank else None
+        self.sampler = train_loader.batch_sampler
+        if len(self.sampler) == 0:
+            fail("the training split gave no full batch; collect more episodes or lower --batch-size")
+        if world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            engine: Any = DistributedDataParallel(_LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            engine = model.loss
+        # compiling the loss leaves the module (and its state_dict) as it is
+        self.loss_fn = torch.compile(engine) if settings.compile else engine
+        self.t_start = time.perf_counter()
+        self.summary: dict[str, Any] = {}
+        self.skipped_in_a_row = self.skipped = 0
+        self.history: list[tuple[float, float]] = []  # (train, val) loss per epoch of this process
+        self.warned_overfit = False
+        if self.start_epoch >= settings.epochs:
+            say(f"Run in {self.out} already has {self.start_epoch} epochs; ask for more with --epochs")
+
+    def _restore(self, resume_from: dict[str, Any]) -> None:
+        self.opt.load_state_dict(resume_from["optimizer"])
+        for group in self.opt.param_groups:  # the optimiser state keeps its moments; the flags set lr and decay
+            group.update(lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.step, self.start_epoch = int(resume_from["step"]), int(resume_from["epoch"])
+        self.start_batch = int(resume_from.get("batch_in_epoch", 0))
+        if self.start_batch:
+            self.carried = _Running(**resume_from["running"])
         if "rng_state" in resume_from:
             torch.set_rng_state(resume_from["rng_state"])
-    latent_dim = getattr(model, "latent_dim", None)
-    fields = ["step", "epoch", "phase", "loss", *model.term_names(), "embedding_std", "effective_rank", "samples_per_s", "time_s"]
-    log = MetricsLog(out / "metrics.csv", fields, keep_until_step=step if resume_from else None) if main_rank else None
-    sampler = train_loader.batch_sampler
-    if len(sampler) == 0:
-        fail("the training split gave no full batch; collect more episodes or lower --batch-size")
-    if world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        engine: Any = DistributedDataParallel(_LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        engine = model.loss
-    # compiling the loss leaves the module (and its state_dict) as it is
-    loss_fn = torch.compile(engine) if settings.compile else engine
-    t_start = time.perf_counter()
-    summary: dict[str, Any] = {}
-
-    def save(epoch: int, batch_in_epoch: int = 0, running: _Running | None = None) -> None:
+    def save(self, epoch: int, batch_in_epoch: int = 0, running: _Running | None = None) -> None:
         # every rank joins the reduction of the running sums; rank 0 writes
         shared = dataclasses.asdict(running.across_ranks()) if running is not None else None
-        if not main_rank:
+        if not self.main_rank:
             return
-        payload = dict(checkpoint_info, model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch)
+        payload = dict(self.checkpoint_info, model=self.model.state_dict(), optimizer=self.opt.state_dict(), step=self.step, epoch=epoch)
         payload.update(batch_in_epoch=batch_in_epoch, running=shared, rng_state=torch.get_rng_state())
-        save_checkpoint(out / "model.pt", payload)
+        save_checkpoint(self.out / "model.pt", payload)
 
-    def kept() -> str:
-        ckpt = out / "model.pt"
+    def kept(self) -> str:
+        ckpt = self.out / "model.pt"
         return f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written"
 
-    def write_row(row: dict[str, Any]) -> None:
-        if log is not None:
-            log.write(row)
+    def write_row(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(row)
 
-    if start_epoch >= settings.epochs:
-        say(f"Run in {out} already has {start_epoch} epochs; ask for more with --epochs")
-    skipped_in_a_row = skipped = 0
-    history: list[tuple[float, float]] = []  # (train, val) loss per epoch of this process
-    warned_overfit = False
-    with StopRequest("training") as stop:
-        for epoch in range(start_epoch, settings.epochs):
-            first = start_batch if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, start=first)
-            model.train()
-            run = carried if epoch == start_epoch and carried is not None else _Running()
-            t_window = time.perf_counter()
-            for batch_idx, batch in enumerate(train_loader, start=first + 1):
-                frames, actions = (batch[k].to(device, non_blocking=True) for k in ("frames", "actions"))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
-                    loss, terms = loss_fn(frames, actions)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = _grad_norm(model, settings.grad_clip)
-                # one small reduction per step: every rank must agree to skip or to stop
-                flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), float(stop.requested)])
-                if world_size() > 1:
-                    flags = flags.to(comm_device())
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stopping = bool(flags[0]), bool(flags[1])
-                step += 1
-                if bad:
-                    what = f"loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at step {step} (epoch {epoch + 1}, batch {batch_idx})"
-                    if not settings.skip_nonfinite:
-                        fail(f"{what}; {kept()}; lower --lr, check the data, or pass --skip-nonfinite")
-                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        fail(f"{what}: {skipped_in_a_row} non-finite steps in a row, the model is broken; {kept()}")
-                    say(f"warning: {what}: skipped the update")
-                    opt.zero_grad(set_to_none=True)
-                else:
-                    opt.step()
-                    if hasattr(model, "update_target"):
-                        model.update_target()
-                    skipped_in_a_row = 0
-                    run.add({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}})
-                if batch_idx % settings.log_every == 0 and run.window_n:
-                    now = time.perf_counter()
-                    avg = run.averages()
-                    say(f"Epoch {epoch + 1:02d} | Batch {batch_idx:04d} | Step {step:05d} | Avg Loss {avg['loss']:.4f}")
-                    rate = run.window_n * sampler.batch_size / (now - t_window)
-                    write_row({"step": step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": now - t_start})
-                    run.window, run.window_n, t_window = {}, 0, now
-                periodic = settings.save_every > 0 and step % settings.save_every == 0 and batch_idx < len(sampler)
-                if stopping or periodic:
-                    save(epoch, batch_idx, run)
-                if stopping:
-                    raise Interrupted(
-                        f"interrupted at step {step} (epoch {epoch + 1}, batch {batch_idx}/{len(sampler)}); saved {out / 'model.pt'}; "
-                        "continue with --resume",
-                        stop.requested or signal.SIGTERM,
-                    )
-            if run.epoch_n == 0:
-                fail(f"no finite step in epoch {epoch + 1}; {kept()}")
-            if run.window_n:
+    def write_train_row(self, epoch: int, run: _Running, avg: dict[str, float], t_window: float) -> float:
+        """The window's averages as a `train` row; returns the time the next window starts."""
+        now = time.perf_counter()
+        rate = run.window_n * self.sampler.batch_size / (now - t_window)
+        self.write_row(
+            {"step": self.step, "epoch": epoch + 1, "phase": "train", **avg, "samples_per_s": rate, "time_s": now - self.t_start}
+        )
+        run.window, run.window_n = {}, 0
+        return now
+
+    def train_step(self, batch: dict[str, torch.Tensor], run: _Running, stop: StopRequest, where: str) -> bool:
+        """One optimiser step (or a skipped non-finite one); returns whether every rank asked to stop."""
+        frames, actions = (batch[k].to(self.device, non_blocking=True) for k in ("frames", "actions"))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.amp):
+            loss, terms = self.loss_fn(frames, actions)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = _grad_norm(self.model, self.settings.grad_clip)
+        # one small reduction per step: every rank must agree to skip or to stop
+        flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), float(stop.requested)])
+        if world_size() > 1:
+            flags = flags.to(comm_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stopping = bool(flags[0]), bool(flags[1])
+        self.step += 1
+        if bad:
+            what = f"loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at step {self.step} ({where})"
+            if not self.settings.skip_nonfinite:
+                fail(f"{what}; {self.kept()}; lower --lr, check the data, or pass --skip-nonfinite")
+            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                fail(f"{what}: {self.skipped_in_a_row} non-finite steps in a row, the model is broken; {self.kept()}")
+            say(f"warning: {what}: skipped the update")
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.opt.step()
+            if hasattr(self.model, "update_target"):
+                self.model.update_target()
+            self.skipped_in_a_row = 0
+            run.add({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}})
+        return stopping
+
+    def train_epoch(self, epoch: int, stop: StopRequest) -> None:
+        first = self.start_batch if epoch == self.start_epoch else 0
+        self.sampler.set_epoch(epoch, start=first)
+        self.model.train()
+        self.run = self.carried if epoch == self.start_epoch and self.carried is not None else _Running()
+        run, t_window = self.run, time.perf_counter()
+        for batch_idx, batch in enumerate(self.train_loader, start=first + 1):
+            stopping = self.train_step(batch, run, stop, f"epoch {epoch + 1}, batch {batch_idx}")
+            if batch_idx % self.settings.log_every == 0 and run.window_n:
                 avg = run.averages()
-                rate = run.window_n * sampler.batch_size / (time.perf_counter() - t_window)
-                write_row(
-                    {
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "phase": "train",
-                        **avg,
-                        "samples_per_s": rate,
-                        "time_s": time.perf_counter() - t_start,
-                    }
-                )
-            epoch_mean = run.across_ranks().epoch_sum / run.epoch_n
-            val = evaluate(model, val_loader, device)
-            line = f"Epoch {epoch + 1:02d} finished | Mean Loss {epoch_mean:.4f} | Val Loss {val['loss']:.4f}"
-            if latent_dim is not None:
-                line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{latent_dim}"
-            say(line)
-            if getattr(model, "can_collapse", False) and collapse_warning(val["embedding_std"], val["effective_rank"], latent_dim):
-                say(
-                    f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {latent_dim}, per-dim std "
-                    f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(latent_dim):.4f}): a low loss here means "
-                    "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff."
-                )
-            history.append((epoch_mean, val["loss"]))
-            best = overfitting(history)
-            if best is not None and not warned_overfit:
-                warned_overfit = True
-                (t0, v0), (t1, v1) = history[best], history[-1]
-                say(
-                    f"WARNING: validation loss has risen {len(history) - 1 - best} epochs past its best ({v0:.4f} -> {v1:.4f}) "
-                    f"while training loss fell ({t0:.4f} -> {t1:.4f}): the model is fitting its training episodes, not the "
-                    f"env. Use fewer epochs (about {start_epoch + best + 1}) or collect more episodes"
-                )
-            write_row({"step": step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - t_start})
-            save(epoch + 1)
-            if main_rank:
-                plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
-            summary = {"epoch": epoch + 1, "step": step, "train_loss": epoch_mean, **{f"val_{k}": v for k, v in val.items()}}
-            if skipped:
-                summary["skipped_steps"] = skipped
-            stop_now = torch.tensor([float(stop.requested)])
-            if world_size() > 1:
-                stop_now = stop_now.to(comm_device())
-                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-            if stop_now.item() and epoch + 1 < settings.epochs:
+                say(f"Epoch {epoch + 1:02d} | Batch {batch_idx:04d} | Step {self.step:05d} | Avg Loss {avg['loss']:.4f}")
+                t_window = self.write_train_row(epoch, run, avg, t_window)
+            periodic = self.settings.save_every > 0 and self.step % self.settings.save_every == 0 and batch_idx < len(self.sampler)
+            if stopping or periodic:
+                self.save(epoch, batch_idx, run)
+            if stopping:
                 raise Interrupted(
-                    f"interrupted after epoch {epoch + 1} (step {step}); saved {out / 'model.pt'}; continue with --resume",
+                    f"interrupted at step {self.step} (epoch {epoch + 1}, batch {batch_idx}/{len(self.sampler)}); saved {self.out / 'model.pt'}; "
+                    "continue with --resume",
                     stop.requested or signal.SIGTERM,
                 )
-    if main_rank and not (out / "loss.png").exists() and (out / "metrics.csv").exists():
-        plot_metrics(out / "metrics.csv", out / "loss.png", latent_dim=latent_dim, title=settings.title)
-    if log is not None:
-        log.close()
-    return summary
+        if run.epoch_n == 0:
+            fail(f"no finite step in epoch {epoch + 1}; {self.kept()}")
+        if run.window_n:
+            self.write_train_row(epoch, run, run.averages(), t_window)
+
+    def end_epoch(self, epoch: int, stop: StopRequest) -> None:
+        """Validation, the collapse and overfitting warnings, the checkpoint and loss.png."""
+        epoch_mean = self.run.across_ranks().epoch_sum / self.run.epoch_n
+        val = evaluate(self.model, self.val_loader, self.device)
+        line = f"Epoch {epoch + 1:02d} finished | Mean Loss {epoch_mean:.4f} | Val Loss {val['loss']:.4f}"
+        if self.latent_dim is not None:
+            line += f" | Latent std {val['embedding_std']:.4f} | RankMe {val['effective_rank']:.1f}/{self.latent_dim}"
+        say(line)
+        self.warn(val, epoch_mean)
+        self.write_row({"step": self.step, "epoch": epoch + 1, "phase": "val", **val, "time_s": time.perf_counter() - self.t_start})
+        self.save(epoch + 1)
+        if self.main_rank:
+            plot_metrics(self.out / "metrics.csv", self.out / "loss.png", latent_dim=self.latent_dim, title=self.settings.title)
+        self.summary = {"epoch": epoch + 1, "step": self.step, "train_loss": epoch_mean, **{f"val_{k}": v for k, v in val.items()}}
+        if self.skipped:
+            self.summary["skipped_steps"] = self.skipped
+        stop_now = torch.tensor([float(stop.requested)])
+        if world_size() > 1:
+            stop_now = stop_now.to(comm_device())
+            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        if stop_now.item() and epoch + 1 < self.settings.epochs:
+            raise Interrupted(
+                f"interrupted after epoch {epoch + 1} (step {self.step}); saved {self.out / 'model.pt'}; continue with --resume",
+                stop.requested or signal.SIGTERM,
+            )
+
+    def warn(self, val: dict[str, float], epoch_mean: float) -> None:
+        dim = self.latent_dim
+        if getattr(self.model, "can_collapse", False) and collapse_warning(val["embedding_std"], val["effective_rank"], dim):
+            say(
+                f"WARNING: the latents look collapsed (RankMe {val['effective_rank']:.1f} of {dim}, per-dim std "
+                f"{val['embedding_std']:.4f}, uniform spread is {1 / math.sqrt(dim):.4f}): a low loss here means "
+                "nothing. Train with --reg vicreg (CNN) or larger --std-coeff/--cov-coeff."
+            )
+        self.history.append((epoch_mean, val["loss"]))
+        best = overfitting(self.history)
+        if best is not None and not self.warned_overfit:
+            self.warned_overfit = True
+            (t0, v0), (t1, v1) = self.history[best], self.history[-1]
+            say(
+                f"WARNING: validation loss has risen {len(self.history) - 1 - best} epochs past its best ({v0:.4f} -> {v1:.4f}) "
+                f"while training loss fell ({t0:.4f} -> {t1:.4f}): the model is fitting its training episodes, not the "
+                f"env. Use fewer epochs (about {self.start_epoch + best + 1}) or collect more episodes"
+            )
+
+    def finish(self) -> None:
+        if self.main_rank and not (self.out / "loss.png").exists() and (self.out / "metrics.csv").exists():
+            plot_metrics(self.out / "metrics.csv", self.out / "loss.png", latent_dim=self.latent_dim, title=self.settings.title)
 
 
 OVERFIT_EPOCHS, OVERFIT_MARGIN = 3, 0.05
@@ -623,18 +652,8 @@ def run_training(
         return _train_run(cfg, arch=arch, build_model=build_model, hold=held)
 
 
-def _train_run(
-    cfg: Any,
-    *,
-    arch: str,
-    build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
-    hold: contextlib.ExitStack,
-) -> dict[str, Any]:
-    """What every trainer does around `fit`: load and split the data, seed, build (or restore,
-    with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
-    `build_model(saved_model_config_or_None, data)` returns the model. Everything that can fail
-    on user input is checked before anything is written. Under `torchrun` every process runs
-    this; rank 0 alone writes."""
+def check_run_flags(cfg: Any) -> None:
+    """The flags every trainer shares, each bad value one line."""
     if cfg.epochs is not None and cfg.steps is not None:
         fail("give the budget as --epochs or as --steps, not both")
     if cfg.epochs is not None and cfg.epochs < 1:
@@ -657,6 +676,83 @@ def _train_run(
         fail(f"--log-every must be at least 1, got {cfg.log_every}")
     if cfg.save_every < 0:
         fail(f"--save-every must be 0 (epoch ends only) or a number of steps, got {cfg.save_every}")
+
+
+def build_checked_model(build_model: Callable, resume_from: dict[str, Any] | None, data: Any, batch_size: int) -> torch.nn.Module:
+    """The model (restored from a checkpoint with --resume), refused in one line when it does not
+    fit in memory, does not fit the data's frames, or cannot train on batches this small."""
+    try:
+        model = build_model(resume_from["model_config"] if resume_from else None, data)
+    except (RuntimeError, MemoryError) as e:  # a huge --latent-dim etc.: torch's allocator refuses
+        if "alloc" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        fail(f"the model does not fit in memory ({write_error(e)[:80]}...); choose smaller sizes (e.g. --latent-dim)")
+    check_data_fits_model(model.model_config(), data, "the checkpoint's model")
+    if getattr(model, "can_collapse", False) and batch_size < 2:
+        fail(f"--batch-size {batch_size}: a JEPA's VICReg terms are statistics over the batch and need at least 2 samples")
+    if resume_from:
+        model.load_state_dict(resume_from["model"])
+    return model
+
+
+def prepare_run_dir(cfg: Any, out: Path, hold: contextlib.ExitStack) -> None:
+    """Rank 0, before its first write: the run directory locked, apart from the data, cleared of
+    a killed run's temp files, and an earlier run moved aside with --overwrite."""
+    ckpt_path = out / "model.pt"
+    check_out_dir_apart_from_data(out, cfg.data)
+    hold.enter_context(run_lock(out))
+    remove_stale_temp_files(out)
+    if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):  # a run that ended while this one started
+        fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
+    if ckpt_path.exists() and not cfg.resume:
+        # --overwrite: keep the earlier run whole beside the new one until the user deletes
+        # it, so a new run that fails never leaves a mix of old and new files.
+        backup = free_name(out.with_name(out.name + ".prev"))
+        os.replace(out, backup)
+        say(f"Moved the earlier run in {out} to {backup}")
+    check_writable_dir(out, "--out-dir")
+
+
+def fit_settings(cfg: Any, arch: str, epochs: int) -> FitSettings:
+    return FitSettings(
+        epochs=epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every,
+        out_dir=Path(cfg.out_dir),
+        resume=cfg.resume,
+        title=f"{arch} on {printable(Path(cfg.data).name)}",
+        compile=cfg.compile,
+        amp=cfg.amp,
+        save_every=cfg.save_every,
+        skip_nonfinite=cfg.skip_nonfinite,
+    )
+
+
+def describe(data: Any, train_loader: Any, val_loader: Any, unroll: int, arch: str, model: torch.nn.Module) -> str:
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (
+        f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
+        f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val"
+        f"{f' windows of {unroll} steps' if unroll > 1 else ''}) | "
+        f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
+    )
+
+
+def _train_run(
+    cfg: Any,
+    *,
+    arch: str,
+    build_model: Callable[[dict[str, Any] | None, Any], torch.nn.Module],
+    hold: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """What every trainer does around `fit`: load and split the data, seed, build (or restore,
+    with `cfg.resume`) the model, refuse to clobber an earlier run, write `config.json`, train.
+    `build_model(saved_model_config_or_None, data)` returns the model. Everything that can fail
+    on user input is checked before anything is written. Under `torchrun` every process runs
+    this; rank 0 alone writes."""
+    check_run_flags(cfg)
     out = Path(cfg.out_dir)
     ckpt_path = out / "model.pt"
     resume_from = None
@@ -693,57 +789,17 @@ def _train_run(
                 f"--resume: the run trained on {resume_from['data_meta']['transitions']} transitions but {cfg.data} now holds "
                 f"{len(data)}; resume on the same data or start a new run"
             )
-        try:
-            model = build_model(resume_from["model_config"] if resume_from else None, data)
-        except (RuntimeError, MemoryError) as e:  # a huge --latent-dim etc.: torch's allocator refuses
-            if "alloc" not in str(e) and not isinstance(e, MemoryError):
-                raise
-            fail(f"the model does not fit in memory ({write_error(e)[:80]}...); choose smaller sizes (e.g. --latent-dim)")
-        check_data_fits_model(model.model_config(), data, "the checkpoint's model")
-        if getattr(model, "can_collapse", False) and cfg.batch_size < 2:
-            fail(f"--batch-size {cfg.batch_size}: a JEPA's VICReg terms are statistics over the batch and need at least 2 samples")
-        if resume_from:
-            model.load_state_dict(resume_from["model"])
+        model = build_checked_model(build_model, resume_from, data, cfg.batch_size)
         model.to(device)
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(
-            f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
-            f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val"
-            f"{f' windows of {cfg.unroll} steps' if cfg.unroll > 1 else ''}) | "
-            f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
-        )
+        say(describe(data, train_loader, val_loader, cfg.unroll, arch, model))
         train_config = to_jsonable(cfg)
         if world_size() > 1:
             dist.barrier()  # every rank has read the old run before rank 0 moves or writes anything
         if rank() == 0:
-            check_out_dir_apart_from_data(out, cfg.data)
-            hold.enter_context(run_lock(out))
-            remove_stale_temp_files(out)
-            if ckpt_path.exists() and not (cfg.resume or cfg.overwrite):  # a run that ended while this one started
-                fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
-            if ckpt_path.exists() and not cfg.resume:
-                # --overwrite: keep the earlier run whole beside the new one until the user deletes
-                # it, so a new run that fails never leaves a mix of old and new files.
-                backup = free_name(out.with_name(out.name + ".prev"))
-                os.replace(out, backup)
-                say(f"Moved the earlier run in {out} to {backup}")
-            check_writable_dir(out, "--out-dir")
+            prepare_run_dir(cfg, out, hold)
             write_json(out / "config.json", {"arch": arch, "train": train_config, "model": model.model_config()})
         data_meta = dict(data.meta, path=str(cfg.data), transitions=len(data), frame_shape=list(data.frame_shape))
-        settings = FitSettings(
-            epochs=epochs,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            grad_clip=cfg.grad_clip,
-            log_every=cfg.log_every,
-            out_dir=out,
-            resume=cfg.resume,
-            title=f"{arch} on {printable(Path(cfg.data).name)}",
-            compile=cfg.compile,
-            amp=cfg.amp,
-            save_every=cfg.save_every,
-            skip_nonfinite=cfg.skip_nonfinite,
-        )
+        settings = fit_settings(cfg, arch, epochs)
         info = {"arch": arch, "model_config": model.model_config(), "train_config": train_config, "data_meta": data_meta}
         summary = fit(
             model=model,

@@ -336,7 +336,8 @@ def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, mess
 
 def test_steps_on_the_command_line_replaces_the_config_files_epochs(tmp_path):
     from train_jepa import TrainConfig
-    from wm_common import SEED000_ALIASES, parse_config
+    from training import SEED000_ALIASES
+    from wm_common import parse_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("num_epochs: 3\nbatch_size: 16\n")
