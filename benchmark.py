@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collect_minigrid_data import MAX_EPISODE_BYTES, CollectConfig, assemble, make_env, run_episode
+from collect_minigrid_data import MAX_EPISODE_BYTES, CollectConfig, assemble, run_episode
 from collect_minigrid_data import check_flags as check_collect_flags
 from collect_minigrid_data import main as collect_main
+from envs import make_env
 from minigrid_dataset import MiniGridTransitions, make_loaders
 from train_jepa import TrainConfig, cnn_config
 from training import FitSettings, fit

@@ -34,6 +34,18 @@ from pathlib import Path
 import numpy as np
 
 from dataset_formats import link_episodes
+from envs import (
+    NAV_ACTIONS,
+    carried,
+    door_state,
+    goal_position,
+    is_minigrid,
+    layout_key,
+    make_env,
+    make_pixel_env,
+    place_agent_randomly,
+    to_frames,
+)
 from wm_common import (
     Interrupted,
     StopRequest,
@@ -50,7 +62,6 @@ from wm_common import (
 )
 
 COLLECTOR_VERSION = 2
-NAV_ACTIONS = (0, 1, 2)  # MiniGrid's left, right, forward
 DEFAULT_STEP_CAP = 1000  # steps per episode for envs without a time limit of their own
 # The models here take 32-128 px frames. A 1024 px RGB frame is 3 MB, so a 256-step MiniGrid
 # episode, which stays in RAM until it ends, is already 0.8 GB; beyond that RAM runs out first.
@@ -139,114 +150,6 @@ class CollectConfig:
     )
 
 
-EXTRAS_HINT = "run `make setup-extras` (installs ale-py for Atari, box2d for CarRacing)"
-
-
-def gym_make(env_id: str, **kwargs):
-    """gym.make with one-line errors for unknown ids and uninstalled extras; registers the
-    MiniGrid and (when installed) Atari ids first."""
-    # headless: pygame-based renderers must not look for a display or a sound card
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    import gymnasium as gym
-    import minigrid  # noqa: F401  (registers the MiniGrid ids)
-
-    if env_id.startswith("ALE/"):
-        try:
-            import ale_py
-        except ImportError:
-            fail(f"{env_id} needs the Atari extra, which is not installed: {EXTRAS_HINT}")
-        gym.register_envs(ale_py)
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        if "box2d" in str(e).lower():
-            fail(f"{env_id} needs Box2D, which is not installed: {EXTRAS_HINT}")
-        fail(f"{env_id} needs an optional dependency that is not installed: {str(e).splitlines()[0][:160]}")
-    except gym.error.Error as e:
-        fail(f"unknown env id {env_id!r} ({str(e)[:120]}); ids look like MiniGrid-Empty-8x8-v0, CartPole-v1, CarRacing-v3, ALE/Pong-v5")
-
-
-def is_minigrid(env_id: str) -> bool:
-    from minigrid.minigrid_env import MiniGridEnv
-
-    env = gym_make(env_id)
-    try:
-        return isinstance(env.unwrapped, MiniGridEnv)
-    finally:
-        env.close()
-
-
-def make_env(env_id: str, obs_mode: str, image_size: int):
-    """The MiniGrid env wrapped to give uint8 frames [H,W,C] of the requested mode, plus the
-    tile size used. Frames come out at the tile size nearest above `image_size` and are
-    area-resized to exactly `image_size` by `resize_frames`."""
-    from minigrid.minigrid_env import MiniGridEnv
-    from minigrid.wrappers import ImgObsWrapper, RGBImgObsWrapper, RGBImgPartialObsWrapper
-
-    env = gym_make(env_id)
-    base = env.unwrapped
-    if not isinstance(base, MiniGridEnv):
-        env.close()
-        fail(f"{env_id} is not a MiniGrid env; this step needs MiniGrid's grid (ground truth, goal cell), pick a MiniGrid-* id")
-    if image_size < 8:
-        fail(f"--image-size {image_size} is too small; use 8 or more (64 is the default)")
-    tile = 0
-    if obs_mode == "rgb":
-        tile = math.ceil(image_size / max(base.width, base.height))
-        env = RGBImgObsWrapper(env, tile_size=tile)
-    elif obs_mode == "rgb_partial":
-        tile = math.ceil(image_size / base.agent_view_size)
-        env = RGBImgPartialObsWrapper(env, tile_size=tile)
-    return ImgObsWrapper(env), tile
-
-
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """[T,H,W,C] uint8 -> [T,size,size,C] uint8 with area averaging (no aliasing on downscale)."""
-    if frames.shape[1:3] == (size, size):
-        return frames
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    mode = "area" if frames.shape[1] >= size else "bilinear"
-    y = F.interpolate(x, size=(size, size), mode=mode)
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def image_space(space) -> bool:
-    """Is this observation space already a picture (uint8 [H,W], [H,W,1|3|4])?"""
-    from gymnasium import spaces
-
-    if not isinstance(space, spaces.Box) or space.dtype != np.uint8:
-        return False
-    shape = space.shape
-    return (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))) and min(shape[:2]) >= 8
-
-
-def make_pixel_env(env_id: str):
-    """Any Gymnasium env as a source of frames, headless: (env, "observation") when its
-    observations are images, else (env, "render") made with render_mode="rgb_array"."""
-    env = gym_make(env_id)
-    if image_space(env.observation_space):
-        return env, "observation"
-    env.close()
-    return gym_make(env_id, render_mode="rgb_array"), "render"
-
-
-def to_frames(images, channels: int, size: int) -> np.ndarray:
-    """Pictures [T,H,W] or [T,H,W,1|3|4] (any size) -> uint8 [T,size,size,channels]."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[..., None]
-    x = x[..., :3].astype(np.uint8, copy=False)
-    if channels == 1 and x.shape[-1] == 3:
-        x = np.round(x @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]  # ITU-R 601 luma
-    elif channels == 3 and x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return resize_frames(np.ascontiguousarray(x), size)
-
-
 def action_sampler(space):
     """(draw(rng) -> the action to store, to_env(stored) -> the action to step with, space
     description for meta) for the random policy."""
@@ -311,60 +214,6 @@ def episode_arrays(frames: np.ndarray, actions: np.ndarray, rewards: list, terms
         "terminated": np.asarray(terms, bool),
         "step": np.arange(t, dtype=np.int64),
     }
-
-
-def goal_position(base) -> tuple[int, int]:
-    for i, obj in enumerate(base.grid.grid):
-        if obj is not None and obj.type == "goal":
-            return i % base.grid.width, i // base.grid.width
-    return -1, -1
-
-
-def door_state(base) -> int:
-    """State of the first door on the grid in MiniGrid's encoding (0 open, 1 closed, 2 locked),
-    -1 when the layout has no door."""
-    for obj in base.grid.grid:
-        if obj is not None and obj.type == "door":
-            return 0 if obj.is_open else 2 if obj.is_locked else 1
-    return -1
-
-
-def carried(base) -> int:
-    """MiniGrid's object index of what the agent carries, -1 for nothing."""
-    from minigrid.core.constants import OBJECT_TO_IDX
-
-    return -1 if base.carrying is None else OBJECT_TO_IDX[base.carrying.type]
-
-
-def place_agent_randomly(env, rng: np.random.Generator):
-    """Moves the agent to a random empty cell facing a random direction and returns the
-    observation rendered there (the wrappers' observation() re-renders the current state)."""
-    base = env.unwrapped
-    free = [(x, y) for y in range(base.height) for x in range(base.width) if base.grid.get(x, y) is None]
-    base.agent_pos = np.array(free[rng.integers(len(free))])
-    base.agent_dir = int(rng.integers(4))
-    return current_obs(env)
-
-
-def current_obs(env):
-    """The observation of the env's current state through its wrapper chain."""
-    base = env.unwrapped
-    obs = base.gen_obs()
-    wrapper = env
-    chain = []
-    while wrapper is not base:
-        chain.append(wrapper)
-        wrapper = wrapper.env
-    for w in reversed(chain):
-        if hasattr(w, "observation"):
-            obs = w.observation(obs)
-    return obs
-
-
-def layout_key(env, seed: int) -> bytes:
-    """The layout a reset with `seed` draws: the grid's cells, without the agent."""
-    env.reset(seed=seed)
-    return env.unwrapped.grid.encode().tobytes()
 
 
 def parse_seed_range(text: str, flag: str) -> range:

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collect_minigrid_data import NAV_ACTIONS, current_obs, goal_position, layout_key, make_env, place_agent_randomly
-from collect_minigrid_data import to_frames as collector_frames
+from envs import NAV_ACTIONS, goal_frames, goal_position, layout_key, make_env, model_frames, oracle_steps, place_agent_randomly
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
 from wm_common import (
@@ -423,55 +422,6 @@ class Planner:
         return best
 
 
-def oracle_steps(base) -> dict[tuple[int, int, int], int]:
-    """Shortest number of left/right/forward steps from every (x, y, dir) to the goal cell on
-    the true grid (breadth-first search backwards from the goal)."""
-    from minigrid.core.constants import DIR_TO_VEC
-
-    gx, gy = goal_position(base)
-
-    def passable(x: int, y: int) -> bool:
-        cell = base.grid.get(x, y)
-        return cell is None or (cell.can_overlap() and cell.type != "lava")
-
-    states = [(x, y, d) for x in range(base.width) for y in range(base.height) for d in range(4) if passable(x, y)]
-    preds: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {s: [] for s in states}
-    for x, y, d in states:
-        dx, dy = DIR_TO_VEC[d]
-        ahead = (x + dx, y + dy, d) if passable(x + dx, y + dy) else (x, y, d)
-        for nxt in ((x, y, (d - 1) % 4), (x, y, (d + 1) % 4), ahead):
-            preds[nxt].append((x, y, d))
-    dist = {(gx, gy, d): 0 for d in range(4)} if (gx, gy) != (-1, -1) else {}
-    queue = deque(dist)
-    while queue:
-        s = queue.popleft()
-        for p in preds.get(s, []):
-            if p not in dist:
-                dist[p] = dist[s] + 1
-                queue.append(p)
-    return dist
-
-
-def goal_frames(env, image_size: int | None, channels: int = 3) -> np.ndarray:
-    """The observation with the agent on the goal cell, once per facing direction, rendered through
-    the env's own wrappers so it matches a real observation there exactly; [4,H,W,C] uint8."""
-    base = env.unwrapped
-    pos, direction = np.array(base.agent_pos), base.agent_dir
-    base.agent_pos = np.array(goal_position(base))
-    frames = []
-    for d in range(4):
-        base.agent_dir = d
-        frames.append(current_obs(env))
-    base.agent_pos, base.agent_dir = pos, direction
-    return to_frames(np.stack(frames), image_size, channels)
-
-
-def to_frames(raw: np.ndarray, image_size: int | None, channels: int = 3) -> np.ndarray:
-    """Env frames -> the model's frames: resized (and grayscale) as the collector stored them;
-    symbolic observations pass through."""
-    return raw if image_size is None else collector_frames(raw, channels, image_size)
-
-
 def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
     """A user's goal image as uint8 [1,H,W,C] of the model's frame shape. A NaN or inf pixel has
     no colour (the cast to uint8 would make one up), so such an image is refused."""
@@ -538,7 +488,7 @@ def run_episode(
         if planner is None:
             a = int(act_rng.choice(actions))
         else:
-            frame = torch.from_numpy(to_frames(obs[None], image_size, channels))
+            frame = torch.from_numpy(model_frames(obs[None], image_size, channels))
             state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
             trace.append((oracle.get(state, np.nan), *planner.distances_to_goal(frame)))
             a = planner.act(frame)
@@ -755,7 +705,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     image_size = None if obs_mode == "symbolic" else (meta.get("config") or {}).get("image_size", meta.get("frame_shape", [64])[0])
     env, _ = make_env(env_id, obs_mode, image_size or 64)
     channels = int((meta.get("config") or {}).get("channels", 3))
-    sample = to_frames(env.reset(seed=episode_seed(cfg, 0))[0][None], image_size, channels)
+    sample = model_frames(env.reset(seed=episode_seed(cfg, 0))[0][None], image_size, channels)
     if goal_position(env.unwrapped) == (-1, -1):
         fail(f"{env_id} has no goal cell to plan to; pick an env with a goal square (e.g. MiniGrid-Empty-8x8-v0, MiniGrid-FourRooms-v0)")
     frame_shape = list(meta.get("frame_shape") or [])

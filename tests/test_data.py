@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import TINY, collect, load_npz, write_npz
 
-from collect_minigrid_data import CollectConfig, resize_frames
+from collect_minigrid_data import CollectConfig
 from collect_minigrid_data import main as collect_main
+from envs import resize_frames
 from minigrid_dataset import EpochBatchSampler, MiniGridTransitions, load_arrays, make_loaders, split_episodes, summary
 from wm_common import UserError
 

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, THREADS, assert_one_line_error, collect, load_npz, ok, one_step, run, write_npz
 from torch import nn
 
-from collect_minigrid_data import to_frames
+from envs import to_frames
 from inspect_jepa_model import model_from_checkpoint
 from losses import action_embedding
 from minigrid_dataset import MiniGridTransitions

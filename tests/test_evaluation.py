@@ -345,7 +345,7 @@ def test_random_start_covers_many_cells_and_env_start_one(collected):
 def test_random_start_cells_are_empty_floor_and_the_first_frame_shows_them(collected):
     """Each episode's first cell is floor (no wall, no goal) and its stored first frame is the one
     the env renders with the agent there, not the frame of the env's own start."""
-    from collect_minigrid_data import current_obs, make_env
+    from envs import current_obs, make_env
 
     env, _ = make_env(EMPTY, "rgb", 32)
     a = collected["random"]
@@ -409,7 +409,7 @@ def test_doorkey_records_door_state_and_carried_key(collected):
 
 @pytest.mark.parametrize("mode", ["rgb", "rgb_partial", "symbolic"])
 def test_place_agent_randomly_returns_the_observation_of_the_new_state(mode):
-    from collect_minigrid_data import make_env, place_agent_randomly
+    from envs import make_env, place_agent_randomly
 
     env, _ = make_env(EMPTY, mode, 64)
     moved = 0

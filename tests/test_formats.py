@@ -15,8 +15,9 @@ minari = pytest.importorskip("minari", reason="the Minari tests need `make setup
 pytest.importorskip("jax", reason="minari's DataCollector needs minari[create] (jax)")
 
 import dataset_formats  # noqa: E402
-from collect_minigrid_data import CollectConfig, make_env  # noqa: E402
+from collect_minigrid_data import CollectConfig  # noqa: E402
 from collect_minigrid_data import main as collect_main  # noqa: E402
+from envs import make_env  # noqa: E402
 from minigrid_dataset import load_arrays  # noqa: E402
 from wm_common import UserError  # noqa: E402
 

@@ -13,18 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, load_npz, ok, run
 
-from collect_minigrid_data import current_obs, goal_position, make_env, resize_frames
-from plan_with_world_model import (
-    UNREACHABLE,
-    Imagination,
-    LatentGraph,
-    PlanConfig,
-    Planner,
-    evaluated_layouts,
-    goal_frames,
-    load_goal_image,
-    oracle_steps,
-)
+from envs import current_obs, goal_frames, goal_position, make_env, oracle_steps, resize_frames
+from plan_with_world_model import UNREACHABLE, Imagination, LatentGraph, PlanConfig, Planner, evaluated_layouts, load_goal_image
 from wm_common import UserError
 
 CPU = torch.device("cpu")
