@@ -19,21 +19,19 @@ predictions, each snapped to the nearest node, so imagined states are re-grounde
 instead of drifting over long rollouts.
 """
 
-import itertools
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from envs import NAV_ACTIONS, goal_frames, goal_position, layout_key, make_env, model_frames, oracle_steps, place_agent_randomly
 from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
+from planners import UNREACHABLE, Imagination, LatentGraph, make_planner
 from wm_common import (
     atomic_write,
     check_seed,
@@ -47,7 +45,6 @@ from wm_common import (
     write_json,
 )
 
-UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
 PATHS_DRAWN = 4
 # Imagined states one executed action may cost: candidates x horizon (x CEM iterations). Measured
 # on one core here, the CNN JEPA imagines ~150k states/s (7^6 sequences x 6 steps in 4.7 s), so
@@ -57,10 +54,6 @@ PATHS_DRAWN = 4
 # frames through its ViT, ~250 states/s (2401 x 4 in 38 s): 10k is its ~40 s per action.
 MAX_IMAGINED = 1_000_000
 MAX_IMAGINED_FRAMES = 10_000
-# Candidates go through the model this many at a time, so memory stays bounded whatever their
-# number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
-# for a JEPA's latents.
-PLAN_BATCH = 1024
 # settings each planner does not read (a value given for one is a note, not silently dropped)
 UNUSED_BY = {
     "exhaustive": ("samples", "iterations", "elites", "merge", "max_nodes"),
@@ -118,310 +111,6 @@ class PlanConfig:
     device: str = field(default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]})
 
 
-class Imagination:
-    """The world model as the planner sees it. `start` maps frames to the state the model steps
-    from, `step` advances states by actions, `embed` maps states to vectors comparable with
-    `target(frames)`. A JEPA's state is its latent (predictions live in the target encoder's
-    space); the encoder-decoder's is a frame, and its vectors are pixels."""
-
-    def __init__(self, model: torch.nn.Module, arch: str, device: torch.device):
-        self.model, self.device, self.pixels = model, device, arch == "encdec_vit"
-
-    @torch.no_grad()
-    def start(self, frames: torch.Tensor) -> torch.Tensor:
-        frames = frames.to(self.device)
-        if self.pixels:
-            return frames.permute(0, 3, 1, 2).float() / self.model.config.pixel_scale  # [B,C,H,W]
-        return self.model.encode(frames)  # [B,D]
-
-    @torch.no_grad()
-    def target(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.pixels:
-            return self.start(frames).flatten(1)
-        return F.normalize(self.model.encode_target(frames.to(self.device)), dim=-1)
-
-    @torch.no_grad()
-    def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        action = action.to(self.device)
-        if self.pixels:
-            return self.model.step_frames(state, action)
-        return self.model.predict(state, action)
-
-    def embed(self, state: torch.Tensor) -> torch.Tensor:
-        return state.flatten(1) if self.pixels else F.normalize(state, dim=-1)
-
-    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """[S,F] x [G,F] -> [S,G]: pixel MSE, or squared distance of unit latents."""
-        d = torch.cdist(a, b).pow(2)
-        return d / a.shape[1] if self.pixels else d
-
-
-class LatentGraph:
-    """Nodes: the distinct frames of the data, plus the goal frames of the current episode.
-    Edges: for each node and action, the model's one-step prediction snapped to the nearest node.
-    `cost_to_goal` holds each node's number of steps to a goal node (UNREACHABLE if none).
-    `set_goal` swaps the goal (layouts whose goal moves get theirs each episode): a prediction
-    nearer to a goal frame than to any data frame becomes an edge into that goal."""
-
-    def __init__(self, imagination: Imagination, frames: np.ndarray, goal_frames: np.ndarray, actions: list[int], batch: int = 512):
-        first: dict[bytes, int] = {}
-        for i, f in enumerate(frames):
-            first.setdefault(f.tobytes(), i)
-        self.frames = frames[sorted(first.values())]  # [U,H,W,C] uint8
-        self.imagination, self.actions, self.batch = imagination, actions, batch
-        self.data_index = {f.tobytes(): i for i, f in enumerate(self.frames)}
-        self.data_vectors = self._targets(self.frames)  # [U,F]
-        n = len(self.frames)
-        predicted = []  # per action: [U,F] embeddings of the predicted next states
-        for a in actions:
-            out = []
-            for i in range(0, n, batch):
-                state = imagination.start(torch.from_numpy(self.frames[i : i + batch]))
-                out.append(imagination.embed(imagination.step(state, torch.full((len(state),), a))))
-            predicted.append(torch.cat(out))
-        self.predicted = torch.stack(predicted, dim=1)  # [U,A,F]
-        dist = self._distances(self.predicted.flatten(0, 1), self.data_vectors)  # [U*A,U]
-        best = dist.min(dim=1)
-        self.data_edges = best.indices.view(n, len(actions)).cpu().numpy()  # [U,A]
-        self.data_edge_dist = best.values.view(n, len(actions)).cpu()
-        self.set_goal(goal_frames)
-
-    def _targets(self, frames: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(frames)
-        return torch.cat([self.imagination.target(t[i : i + self.batch]) for i in range(0, len(t), self.batch)])
-
-    def _distances(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.imagination.distance(a[i : i + self.batch], b) for i in range(0, len(a), self.batch)])
-
-    def set_goal(self, goal_frames: np.ndarray) -> None:
-        """Goal frames already in the data are those nodes; the others are appended."""
-        n, n_actions = len(self.frames), len(self.actions)
-        self.index = dict(self.data_index)
-        goals, new = [], []
-        for g in goal_frames:
-            key = g.tobytes()
-            if key not in self.index:
-                self.index[key] = n + len(new)
-                new.append(g)
-            goals.append(self.index[key])
-        self.goal_nodes = np.array(sorted(set(goals)))
-        self.vectors = self.data_vectors
-        edges = self.data_edges
-        if new:
-            new_vectors = self._targets(np.stack(new))
-            self.vectors = torch.cat([self.data_vectors, new_vectors])
-            d = self._distances(self.predicted.flatten(0, 1), new_vectors).min(dim=1)
-            nearer = (d.values.view(n, n_actions) < self.data_edge_dist).numpy()
-            edges = np.where(nearer, n + d.indices.view(n, n_actions).cpu().numpy(), edges)
-            state = self.imagination.start(torch.from_numpy(np.stack(new)))
-            from_goals = torch.stack(
-                [self.imagination.embed(self.imagination.step(state, torch.full((len(new),), a))) for a in self.actions], 1
-            )
-            edges = np.concatenate(
-                [edges, self._distances(from_goals.flatten(0, 1), self.vectors).argmin(1).view(len(new), n_actions).cpu().numpy()]
-            )
-        self.edges = edges  # [nodes, A]
-        self.cost_to_goal = self._steps_to_goal()
-
-    def snap(self, vectors: torch.Tensor) -> torch.Tensor:
-        """[S,F] -> index of the nearest node [S]."""
-        return self.imagination.distance(vectors, self.vectors).argmin(dim=1)
-
-    def _steps_to_goal(self) -> np.ndarray:
-        preds: list[list[int]] = [[] for _ in range(len(self.edges))]
-        for u, row in enumerate(self.edges):
-            for v in set(row.tolist()):
-                preds[v].append(u)
-        cost = np.full(len(self.edges), UNREACHABLE, np.int64)
-        cost[self.goal_nodes] = 0
-        queue = deque(self.goal_nodes.tolist())
-        while queue:
-            v = queue.popleft()
-            for u in preds[v]:
-                if cost[u] == UNREACHABLE:
-                    cost[u] = cost[v] + 1
-                    queue.append(u)
-        return cost
-
-    def edge_accuracy(self, data: MiniGridTransitions) -> float | None:
-        """Fraction of the data's transitions (frame, action -> next frame) that the model's graph
-        of data frames reproduces: how far its one-step predictions can be trusted for planning."""
-        obs, nxt, act = data.obs.numpy(), data.next_obs(torch.arange(len(data))).numpy(), data.fields["action"].numpy()
-        column = {a: j for j, a in enumerate(self.actions)}
-        hits = total = 0
-        for o, n, a in zip(obs, nxt, act, strict=True):
-            if int(a) not in column:
-                continue
-            total += 1
-            hits += self.data_edges[self.data_index[o.tobytes()], column[int(a)]] == self.data_index.get(n.tobytes(), -1)
-        return hits / total if total else None
-
-
-def step_scale(steps: torch.Tensor) -> float:
-    """The (squared) distance of the smallest real step among the current state's imagined
-    successors [A]: what two distinct neighbouring states are apart. Steps under a tenth of the
-    largest are actions that changed nothing (forward into a wall, a no-op), only model noise.
-    In a spatial latent a move forward shifts a few cells while a turn redraws the whole view, so
-    the smallest real step, not the largest, bounds what may be merged."""
-    real = steps[steps > 0.1 * steps.max()]
-    return float(real.min()) if len(real) else 0.0
-
-
-class ImaginedGraph:
-    """A map drawn by the model alone, from the current frame: breadth-first, every known state is
-    stepped by every action, and a prediction within `merge` of a known state is that state
-    (re-identification, as PPGS does), else a new node. Merging re-grounds imagination on the
-    state it first reached, so long paths do not drift; and the cost becomes the number of steps
-    through the imagined map, which follows walls and gaps where latent distance cuts through
-    them. No dataset frame is needed: this plans on layouts the model never saw.
-
-    The merge radius is relative: `merge` times the shortest real step from the current state
-    (see `step_scale`), so it needs no tuning per model."""
-
-    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
-        self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
-        self.nodes, self.radius = 0, 0.0
-
-    @torch.no_grad()
-    def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """frame [1,H,W,C], goal vectors [G,F] -> (action indices of the shortest imagined path to
-        the node nearest the goal, the vectors [len(path),F] the path should meet)."""
-        im, n_actions = self.imagination, len(self.actions)
-        states, vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
-        parent, via = [-1], [-1]
-        radius = None
-        goal_dist = im.distance(vectors, goal).min(1).values  # [nodes]
-        frontier = torch.zeros(1, dtype=torch.long)
-        while len(frontier) and len(parent) < self.max_nodes:
-            # every frontier state x every action, one batch: [F*A,...]
-            nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
-            vec = im.embed(nxt)
-            if radius is None:
-                radius = self.merge * step_scale(im.distance(vectors, vec)[0])
-            known = im.distance(vec, vectors).min(1).values <= radius
-            fresh = []
-            for i in (~known).nonzero().flatten().tolist():
-                if fresh and float(im.distance(vec[i : i + 1], vec[fresh]).min()) <= radius:
-                    continue  # the same new state reached twice in this level
-                fresh.append(i)
-                parent.append(int(frontier[i // n_actions]))
-                via.append(i % n_actions)
-            if not fresh:
-                break
-            first = len(vectors)
-            states, vectors = torch.cat([states, nxt[fresh]]), torch.cat([vectors, vec[fresh]])
-            goal_dist = torch.cat([goal_dist, im.distance(vec[fresh], goal).min(1).values])
-            frontier = torch.arange(first, len(vectors))
-            if float(goal_dist[first:].min()) <= radius:
-                break  # breadth-first: no shorter imagined path to the goal exists
-        self.nodes, self.radius = len(parent), radius or 0.0
-        node = int(goal_dist.argmin())
-        path = []
-        while parent[node] != -1:
-            path.append(node)
-            node = parent[node]
-        path.reverse()
-        return [via[n] for n in path], vectors[path]
-
-
-class Planner:
-    """Receding-horizon search over discrete action sequences, every candidate imagined in one
-    batch per step."""
-
-    def __init__(self, cfg: PlanConfig, imagination: Imagination, actions: list[int], graph: LatentGraph | None, seed: int):
-        self.cfg, self.imagination, self.actions, self.graph = cfg, imagination, torch.tensor(actions), graph
-        self.goal: torch.Tensor | None = None
-        self.generator = torch.Generator().manual_seed(seed)
-        if cfg.planner == "exhaustive":
-            self.all_sequences = torch.tensor(list(itertools.product(range(len(actions)), repeat=cfg.horizon)))  # [A^H,H]
-        self.imagined = ImaginedGraph(imagination, actions, cfg.merge, cfg.max_nodes) if cfg.planner == "imagined" else None
-        self.plan: list[int] = []  # imagined: the path being followed (action indices) and the states it should meet
-        self.expect: torch.Tensor | None = None
-
-    def start_episode(self, goal_frames: np.ndarray) -> None:
-        self.goal = self.imagination.target(torch.from_numpy(goal_frames))
-        if self.graph is not None:
-            self.graph.set_goal(goal_frames)
-        self.plan, self.expect = [], None
-
-    def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
-        s, horizon = choice.shape
-        if self.cfg.cost == "graph":
-            # Re-grounded imagination: the frame snaps to its node and each imagined step follows
-            # the model's own one-step edge, so errors do not compound over the horizon.
-            node = self.graph.snap(self.imagination.target(frame)).cpu().numpy().repeat(s)
-            per_step = []
-            for h in range(horizon):
-                node = self.graph.edges[node, choice[:, h].numpy()]
-                per_step.append(torch.from_numpy(self.graph.cost_to_goal[node]).float() + h + 1)
-            costs = torch.stack(per_step, dim=1)  # [S,H]
-        else:
-            # PLAN_BATCH candidates at a time through the model: memory stays bounded however many
-            start, chunks = self.imagination.start(frame), []
-            for part in choice.split(PLAN_BATCH):
-                state, per_step = start.expand(len(part), *start.shape[1:]), []
-                for h in range(horizon):
-                    state = self.imagination.step(state, self.actions[part[:, h]])
-                    per_step.append(self.imagination.distance(self.imagination.embed(state), self.goal).min(dim=1).values.cpu())
-                chunks.append(torch.stack(per_step, dim=1))
-            costs = torch.cat(chunks)  # [S,H]
-        if self.cfg.aggregate == "final":
-            return costs[:, -1]
-        if self.cfg.aggregate == "sum":
-            return costs.sum(1)
-        # min over the horizon; among equal minima the earlier arrival wins
-        return costs.min(1).values + 1e-6 * costs.argmin(1).float()
-
-    @torch.no_grad()
-    def distances_to_goal(self, frame: torch.Tensor) -> tuple[float, float]:
-        """What the planner believes about the current frame: its latent distance to the nearest
-        goal latent, and its graph cost-to-go (NaN without a graph)."""
-        vec = self.imagination.target(frame)
-        latent = float(self.imagination.distance(vec, self.goal).min())
-        graph = float(self.graph.cost_to_goal[int(self.graph.snap(vec)[0])]) if self.graph is not None else float("nan")
-        return latent, graph
-
-    def act(self, frame: torch.Tensor) -> int:
-        if self.imagined is not None:
-            return self.follow(frame)
-        if self.cfg.planner == "exhaustive":
-            seqs = self.all_sequences
-            best = seqs[self.scores(frame, seqs).argmin()]
-        else:
-            best = self.cem(frame)
-        return int(self.actions[best[0]])
-
-    def follow(self, frame: torch.Tensor) -> int:
-        """imagined: keep to the path found while each frame is the state it imagined (within the
-        merge radius); search again from here when one is not (a surprise) or the path is done."""
-        im = self.imagination
-        if len(self.plan) > 1 and float(im.distance(im.target(frame), self.expect[:1])) <= self.imagined.radius:
-            self.plan, self.expect = self.plan[1:], self.expect[1:]
-            return int(self.actions[self.plan[0]])
-        path, self.expect = self.imagined.search(frame, self.goal)
-        if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
-            start = im.start(frame)
-            nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
-            path, self.expect = [int(im.distance(nxt, self.goal).min(1).values.argmin())], nxt[:0]
-        self.plan = path
-        return int(self.actions[path[0]])
-
-    def cem(self, frame: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        probs = torch.full((cfg.horizon, len(self.actions)), 1 / len(self.actions))
-        best, best_cost = None, float("inf")
-        for _ in range(cfg.iterations):
-            seqs = torch.multinomial(probs, cfg.samples, replacement=True, generator=self.generator).T  # [S,H]
-            costs = self.scores(frame, seqs)
-            elite = seqs[costs.argsort()[: cfg.elites]]
-            if costs.min() < best_cost:
-                best, best_cost = seqs[costs.argmin()], float(costs.min())
-            counts = F.one_hot(elite, len(self.actions)).float().mean(0)  # [H,A]
-            probs = 0.9 * counts + 0.1 / len(self.actions)  # keep every action possible
-        return best
-
-
 def load_goal_image(path: str, shape: list[int]) -> np.ndarray:
     """A user's goal image as uint8 [1,H,W,C] of the model's frame shape. A NaN or inf pixel has
     no colour (the cast to uint8 would make one up), so such an image is refused."""
@@ -459,7 +148,7 @@ def episode_seed(cfg: PlanConfig, e: int) -> int:
 
 def run_episode(
     env,
-    planner: Planner | None,
+    planner: Any,
     actions: list[int],
     cfg: PlanConfig,
     e: int,
@@ -490,7 +179,7 @@ def run_episode(
         else:
             frame = torch.from_numpy(model_frames(obs[None], image_size, channels))
             state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
-            trace.append((oracle.get(state, np.nan), *planner.distances_to_goal(frame)))
+            trace.append((oracle.get(state, np.nan), *planner.beliefs(frame)))
             a = planner.act(frame)
         obs, reward, terminated, truncated, _ = env.step(a)
         path.append((int(base.agent_pos[0]), int(base.agent_pos[1])))
@@ -742,7 +431,7 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)  # the first episode's layout
         graph, graph_report = build_graph(cfg.graph_data or meta.get("path"), imagination, goals, actions)
 
-    planner = Planner(cfg, imagination, actions, graph, cfg.seed)
+    planner = make_planner(cfg, imagination, actions, graph, cfg.seed)
     from tqdm import tqdm
 
     planned, random_runs, film = [], [], []

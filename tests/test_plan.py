@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, load_npz, ok, run
 
 from envs import current_obs, goal_frames, goal_position, make_env, oracle_steps, resize_frames
-from plan_with_world_model import UNREACHABLE, Imagination, LatentGraph, PlanConfig, Planner, evaluated_layouts, load_goal_image
+from plan_with_world_model import PlanConfig, evaluated_layouts, load_goal_image
+from planners import UNREACHABLE, Imagination, LatentGraph, make_planner
 from wm_common import UserError
 
 CPU = torch.device("cpu")
@@ -114,8 +115,8 @@ def graph(imagination):
 
 
 def planner_for(imagination, graph, **cfg):
-    planner = Planner(PlanConfig(**cfg), imagination, NAV, graph, seed=0)
-    planner.goal = imagination.target(torch.from_numpy(tokens(GOAL_STATES)))
+    planner = make_planner(PlanConfig(**cfg), imagination, NAV, graph, seed=0)
+    planner.start_episode(tokens(GOAL_STATES))
     return planner
 
 
@@ -209,11 +210,11 @@ def test_cem_finds_the_exhaustive_minimum(imagination, graph, cost, aggregate, h
     kw = dict(cost=cost, aggregate=aggregate, horizon=horizon)
     exhaustive = planner_for(imagination, graph, planner="exhaustive", **kw)
     cem = planner_for(imagination, graph, planner="cem", samples=256, elites=32, iterations=3, **kw)
-    seqs = exhaustive.all_sequences
+    seqs = exhaustive.search.sequences
     tol = 0 if cost == "graph" else 1e-6
     for s in STARTS:
         costs = exhaustive.scores(frame(s), seqs)
-        best = cem.cem(frame(s))
+        best = cem.search.best(lambda q, s=s: cem.scores(frame(s), q))
         j = int(((seqs == best).all(1)).nonzero()[0, 0])
         assert float(costs[j]) == pytest.approx(float(costs.min()), abs=tol), (s, best.tolist(), float(costs[j]), float(costs.min()))
 

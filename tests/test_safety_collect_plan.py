@@ -22,6 +22,7 @@ import torch
 
 import collect_minigrid_data
 import plan_with_world_model
+import planners
 from collect_minigrid_data import CollectConfig
 from minigrid_dataset import MiniGridTransitions
 from plan_with_world_model import PlanConfig
@@ -516,11 +517,11 @@ def test_chunked_scoring_matches_one_batch(monkeypatch):
     """Latent-cost candidates go through the model PLAN_BATCH at a time: the same costs as one batch."""
     torch.manual_seed(0)
     model = JEPAWorldModel(config=JEPAConfig(obs_shape=[16, 16, 3], latent_dim=8, channels=[4, 4], action_emb_dim=4)).eval()
-    imagination = plan_with_world_model.Imagination(model, "jepa_cnn", torch.device("cpu"))
+    imagination = planners.Imagination(model, "jepa_cnn", torch.device("cpu"))
     cfg = PlanConfig(horizon=3, cost="latent", aggregate="sum")
-    planner = plan_with_world_model.Planner(cfg, imagination, list(range(7)), None, 0)
+    planner = planners.make_planner(cfg, imagination, list(range(7)), None, 0)
     frame = torch.randint(0, 256, (1, 16, 16, 3), dtype=torch.uint8)
-    planner.goal = imagination.target(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8))
-    whole = planner.scores(frame, planner.all_sequences)
-    monkeypatch.setattr(plan_with_world_model, "PLAN_BATCH", 50)
-    assert torch.allclose(planner.scores(frame, planner.all_sequences), whole, atol=1e-5)
+    planner.start_episode(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).numpy())
+    whole = planner.scores(frame, planner.search.sequences)
+    monkeypatch.setattr(planners, "PLAN_BATCH", 50)
+    assert torch.allclose(planner.scores(frame, planner.search.sequences), whole, atol=1e-5)

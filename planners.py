@@ -1,0 +1,401 @@
+"""Planning in a world model's imagination, as small interchangeable pieces:
+
+* `Imagination`: the model as a planner sees it (start from frames, step by actions, compare).
+* Costs of candidate action sequences: `LatentCost` (distance to the goal latent) and `GraphCost`
+  (steps to the goal on `LatentGraph`, the model's one-step edges between dataset frames).
+* Searches over sequences: `ExhaustiveSearch` and `CEMSearch`.
+* Planners: `SequencePlanner` (a search over a cost, receding horizon) and `ImaginedPlanner` (a
+  breadth-first map of the model's own imagined states, `ImaginedGraph`: no dataset frames).
+
+`make_planner` builds the one a `PlanConfig` names; every planner has `start_episode(goal
+frames)`, `act(frame) -> action` and `beliefs(frame)` (what it thinks of the current frame).
+"""
+
+import itertools
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minigrid_dataset import MiniGridTransitions
+
+UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
+# Candidates go through the model this many at a time, so memory stays bounded whatever their
+# number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
+# for a JEPA's latents.
+PLAN_BATCH = 1024
+
+
+class Imagination:
+    """The world model as the planner sees it. `start` maps frames to the state the model steps
+    from, `step` advances states by actions, `embed` maps states to vectors comparable with
+    `target(frames)`. A JEPA's state is its latent (predictions live in the target encoder's
+    space); the encoder-decoder's is a frame, and its vectors are pixels."""
+
+    def __init__(self, model: torch.nn.Module, arch: str, device: torch.device):
+        self.model, self.device, self.pixels = model, device, arch == "encdec_vit"
+
+    @torch.no_grad()
+    def start(self, frames: torch.Tensor) -> torch.Tensor:
+        frames = frames.to(self.device)
+        if self.pixels:
+            return frames.permute(0, 3, 1, 2).float() / self.model.config.pixel_scale  # [B,C,H,W]
+        return self.model.encode(frames)  # [B,D]
+
+    @torch.no_grad()
+    def target(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.pixels:
+            return self.start(frames).flatten(1)
+        return F.normalize(self.model.encode_target(frames.to(self.device)), dim=-1)
+
+    @torch.no_grad()
+    def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        action = action.to(self.device)
+        if self.pixels:
+            return self.model.step_frames(state, action)
+        return self.model.predict(state, action)
+
+    def embed(self, state: torch.Tensor) -> torch.Tensor:
+        return state.flatten(1) if self.pixels else F.normalize(state, dim=-1)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[S,F] x [G,F] -> [S,G]: pixel MSE, or squared distance of unit latents."""
+        d = torch.cdist(a, b).pow(2)
+        return d / a.shape[1] if self.pixels else d
+
+
+class LatentGraph:
+    """Nodes: the distinct frames of the data, plus the goal frames of the current episode.
+    Edges: for each node and action, the model's one-step prediction snapped to the nearest node.
+    `cost_to_goal` holds each node's number of steps to a goal node (UNREACHABLE if none).
+    `set_goal` swaps the goal (layouts whose goal moves get theirs each episode): a prediction
+    nearer to a goal frame than to any data frame becomes an edge into that goal."""
+
+    def __init__(self, imagination: Imagination, frames: np.ndarray, goal_frames: np.ndarray, actions: list[int], batch: int = 512):
+        first: dict[bytes, int] = {}
+        for i, f in enumerate(frames):
+            first.setdefault(f.tobytes(), i)
+        self.frames = frames[sorted(first.values())]  # [U,H,W,C] uint8
+        self.imagination, self.actions, self.batch = imagination, actions, batch
+        self.data_index = {f.tobytes(): i for i, f in enumerate(self.frames)}
+        self.data_vectors = self._targets(self.frames)  # [U,F]
+        n = len(self.frames)
+        predicted = []  # per action: [U,F] embeddings of the predicted next states
+        for a in actions:
+            out = []
+            for i in range(0, n, batch):
+                state = imagination.start(torch.from_numpy(self.frames[i : i + batch]))
+                out.append(imagination.embed(imagination.step(state, torch.full((len(state),), a))))
+            predicted.append(torch.cat(out))
+        self.predicted = torch.stack(predicted, dim=1)  # [U,A,F]
+        dist = self._distances(self.predicted.flatten(0, 1), self.data_vectors)  # [U*A,U]
+        best = dist.min(dim=1)
+        self.data_edges = best.indices.view(n, len(actions)).cpu().numpy()  # [U,A]
+        self.data_edge_dist = best.values.view(n, len(actions)).cpu()
+        self.set_goal(goal_frames)
+
+    def _targets(self, frames: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(frames)
+        return torch.cat([self.imagination.target(t[i : i + self.batch]) for i in range(0, len(t), self.batch)])
+
+    def _distances(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.imagination.distance(a[i : i + self.batch], b) for i in range(0, len(a), self.batch)])
+
+    def set_goal(self, goal_frames: np.ndarray) -> None:
+        """Goal frames already in the data are those nodes; the others are appended."""
+        n, n_actions = len(self.frames), len(self.actions)
+        self.index = dict(self.data_index)
+        goals, new = [], []
+        for g in goal_frames:
+            key = g.tobytes()
+            if key not in self.index:
+                self.index[key] = n + len(new)
+                new.append(g)
+            goals.append(self.index[key])
+        self.goal_nodes = np.array(sorted(set(goals)))
+        self.vectors = self.data_vectors
+        edges = self.data_edges
+        if new:
+            new_vectors = self._targets(np.stack(new))
+            self.vectors = torch.cat([self.data_vectors, new_vectors])
+            d = self._distances(self.predicted.flatten(0, 1), new_vectors).min(dim=1)
+            nearer = (d.values.view(n, n_actions) < self.data_edge_dist).numpy()
+            edges = np.where(nearer, n + d.indices.view(n, n_actions).cpu().numpy(), edges)
+            state = self.imagination.start(torch.from_numpy(np.stack(new)))
+            from_goals = torch.stack(
+                [self.imagination.embed(self.imagination.step(state, torch.full((len(new),), a))) for a in self.actions], 1
+            )
+            edges = np.concatenate(
+                [edges, self._distances(from_goals.flatten(0, 1), self.vectors).argmin(1).view(len(new), n_actions).cpu().numpy()]
+            )
+        self.edges = edges  # [nodes, A]
+        self.cost_to_goal = self._steps_to_goal()
+
+    def snap(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[S,F] -> index of the nearest node [S]."""
+        return self.imagination.distance(vectors, self.vectors).argmin(dim=1)
+
+    def _steps_to_goal(self) -> np.ndarray:
+        preds: list[list[int]] = [[] for _ in range(len(self.edges))]
+        for u, row in enumerate(self.edges):
+            for v in set(row.tolist()):
+                preds[v].append(u)
+        cost = np.full(len(self.edges), UNREACHABLE, np.int64)
+        cost[self.goal_nodes] = 0
+        queue = deque(self.goal_nodes.tolist())
+        while queue:
+            v = queue.popleft()
+            for u in preds[v]:
+                if cost[u] == UNREACHABLE:
+                    cost[u] = cost[v] + 1
+                    queue.append(u)
+        return cost
+
+    def edge_accuracy(self, data: MiniGridTransitions) -> float | None:
+        """Fraction of the data's transitions (frame, action -> next frame) that the model's graph
+        of data frames reproduces: how far its one-step predictions can be trusted for planning."""
+        obs, nxt, act = data.obs.numpy(), data.next_obs(torch.arange(len(data))).numpy(), data.fields["action"].numpy()
+        column = {a: j for j, a in enumerate(self.actions)}
+        hits = total = 0
+        for o, n, a in zip(obs, nxt, act, strict=True):
+            if int(a) not in column:
+                continue
+            total += 1
+            hits += self.data_edges[self.data_index[o.tobytes()], column[int(a)]] == self.data_index.get(n.tobytes(), -1)
+        return hits / total if total else None
+
+
+def step_scale(steps: torch.Tensor) -> float:
+    """The (squared) distance of the smallest real step among the current state's imagined
+    successors [A]: what two distinct neighbouring states are apart. Steps under a tenth of the
+    largest are actions that changed nothing (forward into a wall, a no-op), only model noise.
+    In a spatial latent a move forward shifts a few cells while a turn redraws the whole view, so
+    the smallest real step, not the largest, bounds what may be merged."""
+    real = steps[steps > 0.1 * steps.max()]
+    return float(real.min()) if len(real) else 0.0
+
+
+class ImaginedGraph:
+    """A map drawn by the model alone, from the current frame: breadth-first, every known state is
+    stepped by every action, and a prediction within `merge` of a known state is that state
+    (re-identification, as PPGS does), else a new node. Merging re-grounds imagination on the
+    state it first reached, so long paths do not drift; and the cost becomes the number of steps
+    through the imagined map, which follows walls and gaps where latent distance cuts through
+    them. No dataset frame is needed: this plans on layouts the model never saw.
+
+    The merge radius is relative: `merge` times the shortest real step from the current state
+    (see `step_scale`), so it needs no tuning per model."""
+
+    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
+        self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
+        self.nodes, self.radius = 0, 0.0
+
+    @torch.no_grad()
+    def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """frame [1,H,W,C], goal vectors [G,F] -> (action indices of the shortest imagined path to
+        the node nearest the goal, the vectors [len(path),F] the path should meet)."""
+        im, n_actions = self.imagination, len(self.actions)
+        states, vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
+        parent, via = [-1], [-1]
+        radius = None
+        goal_dist = im.distance(vectors, goal).min(1).values  # [nodes]
+        frontier = torch.zeros(1, dtype=torch.long)
+        while len(frontier) and len(parent) < self.max_nodes:
+            # every frontier state x every action, one batch: [F*A,...]
+            nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
+            vec = im.embed(nxt)
+            if radius is None:
+                radius = self.merge * step_scale(im.distance(vectors, vec)[0])
+            known = im.distance(vec, vectors).min(1).values <= radius
+            fresh = []
+            for i in (~known).nonzero().flatten().tolist():
+                if fresh and float(im.distance(vec[i : i + 1], vec[fresh]).min()) <= radius:
+                    continue  # the same new state reached twice in this level
+                fresh.append(i)
+                parent.append(int(frontier[i // n_actions]))
+                via.append(i % n_actions)
+            if not fresh:
+                break
+            first = len(vectors)
+            states, vectors = torch.cat([states, nxt[fresh]]), torch.cat([vectors, vec[fresh]])
+            goal_dist = torch.cat([goal_dist, im.distance(vec[fresh], goal).min(1).values])
+            frontier = torch.arange(first, len(vectors))
+            if float(goal_dist[first:].min()) <= radius:
+                break  # breadth-first: no shorter imagined path to the goal exists
+        self.nodes, self.radius = len(parent), radius or 0.0
+        node = int(goal_dist.argmin())
+        path = []
+        while parent[node] != -1:
+            path.append(node)
+            node = parent[node]
+        path.reverse()
+        return [via[n] for n in path], vectors[path]
+
+
+class LatentCost:
+    """Per-step cost of candidate sequences: the squared distance from each imagined state to the
+    nearest goal latent (pixel MSE for the encoder-decoder)."""
+
+    def __init__(self, imagination: Imagination, actions: torch.Tensor):
+        self.imagination, self.actions = imagination, actions
+        self.goal: torch.Tensor | None = None
+
+    def per_step(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """frame [1,H,W,C], action indices [S,H] -> costs [S,H]."""
+        im = self.imagination
+        # PLAN_BATCH candidates at a time through the model: memory stays bounded however many
+        start, chunks = im.start(frame), []
+        for part in choice.split(PLAN_BATCH):
+            state, per_step = start.expand(len(part), *start.shape[1:]), []
+            for h in range(choice.shape[1]):
+                state = im.step(state, self.actions[part[:, h]])
+                per_step.append(im.distance(im.embed(state), self.goal).min(dim=1).values.cpu())
+            chunks.append(torch.stack(per_step, dim=1))
+        return torch.cat(chunks)
+
+
+class GraphCost:
+    """Per-step cost of candidate sequences: steps to the goal on the graph of dataset frames,
+    plus the steps taken. Re-grounded imagination: the frame snaps to its node and each imagined
+    step follows the model's own one-step edge, so errors do not compound over the horizon."""
+
+    def __init__(self, imagination: Imagination, graph: LatentGraph):
+        self.imagination, self.graph = imagination, graph
+
+    def per_step(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        s, horizon = choice.shape
+        node = self.graph.snap(self.imagination.target(frame)).cpu().numpy().repeat(s)
+        per_step = []
+        for h in range(horizon):
+            node = self.graph.edges[node, choice[:, h].numpy()]
+            per_step.append(torch.from_numpy(self.graph.cost_to_goal[node]).float() + h + 1)
+        return torch.stack(per_step, dim=1)  # [S,H]
+
+
+def aggregate(costs: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-step costs [S,H] -> one cost per sequence [S]: the last, the sum, or the minimum (among
+    equal minima the earlier arrival wins)."""
+    if how == "final":
+        return costs[:, -1]
+    if how == "sum":
+        return costs.sum(1)
+    return costs.min(1).values + 1e-6 * costs.argmin(1).float()
+
+
+class ExhaustiveSearch:
+    """Every sequence of `horizon` actions."""
+
+    def __init__(self, n_actions: int, horizon: int):
+        self.sequences = torch.tensor(list(itertools.product(range(n_actions), repeat=horizon)))  # [A^H,H]
+
+    def best(self, score) -> torch.Tensor:
+        return self.sequences[score(self.sequences).argmin()]
+
+
+class CEMSearch:
+    """Cross-entropy method over discrete sequences: per-step categorical distributions refitted
+    to the `elites` best of `samples` sequences, `iterations` times."""
+
+    def __init__(self, n_actions: int, horizon: int, samples: int, iterations: int, elites: int, seed: int):
+        self.n_actions, self.horizon, self.samples, self.iterations, self.elites = n_actions, horizon, samples, iterations, elites
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def best(self, score) -> torch.Tensor:
+        probs = torch.full((self.horizon, self.n_actions), 1 / self.n_actions)
+        best, best_cost = None, float("inf")
+        for _ in range(self.iterations):
+            seqs = torch.multinomial(probs, self.samples, replacement=True, generator=self.generator).T  # [S,H]
+            costs = score(seqs)
+            elite = seqs[costs.argsort()[: self.elites]]
+            if costs.min() < best_cost:
+                best, best_cost = seqs[costs.argmin()], float(costs.min())
+            counts = F.one_hot(elite, self.n_actions).float().mean(0)  # [H,A]
+            probs = 0.9 * counts + 0.1 / self.n_actions  # keep every action possible
+        return best
+
+
+class _GoalPlanner:
+    """What every planner shares: the goal latents of the episode, the dataset graph's goal (when
+    there is a graph), and `beliefs`, the planner's view of a frame for the diagnostics."""
+
+    def __init__(self, imagination: Imagination, actions: list[int], graph: LatentGraph | None):
+        self.imagination, self.actions, self.graph = imagination, torch.tensor(actions), graph
+        self.goal: torch.Tensor | None = None
+
+    def start_episode(self, goal_frames: np.ndarray) -> None:
+        self.goal = self.imagination.target(torch.from_numpy(goal_frames))
+        if self.graph is not None:
+            self.graph.set_goal(goal_frames)
+
+    @torch.no_grad()
+    def beliefs(self, frame: torch.Tensor) -> tuple[float, float]:
+        """The latent distance of the frame to the nearest goal latent, and its graph cost-to-go
+        (NaN without a graph)."""
+        vec = self.imagination.target(frame)
+        latent = float(self.imagination.distance(vec, self.goal).min())
+        graph = float(self.graph.cost_to_goal[int(self.graph.snap(vec)[0])]) if self.graph is not None else float("nan")
+        return latent, graph
+
+
+class SequencePlanner(_GoalPlanner):
+    """Receding horizon: search action sequences scored by a cost, execute the first action of the
+    best, plan again. Every candidate is imagined in one batch per step."""
+
+    def __init__(self, imagination: Imagination, actions: list[int], graph: LatentGraph | None, cost, search, how: str):
+        super().__init__(imagination, actions, graph)
+        self.cost, self.search, self.how = cost, search, how
+
+    def start_episode(self, goal_frames: np.ndarray) -> None:
+        super().start_episode(goal_frames)
+        self.cost.goal = self.goal
+
+    def scores(self, frame: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Cost of each candidate [S] given as action indices [S,H] from the frame [1,H,W,C]."""
+        return aggregate(self.cost.per_step(frame, choice), self.how)
+
+    def act(self, frame: torch.Tensor) -> int:
+        best = self.search.best(lambda seqs: self.scores(frame, seqs))
+        return int(self.actions[best[0]])
+
+
+class ImaginedPlanner(_GoalPlanner):
+    """Follows the shortest path through the imagined map while each frame is the state it
+    imagined (within the merge radius); searches again on a surprise or when the path is done."""
+
+    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
+        super().__init__(imagination, actions, None)
+        self.imagined = ImaginedGraph(imagination, actions, merge, max_nodes)
+        self.plan: list[int] = []  # the path being followed (action indices) and the states it should meet
+        self.expect: torch.Tensor | None = None
+
+    def start_episode(self, goal_frames: np.ndarray) -> None:
+        super().start_episode(goal_frames)
+        self.plan, self.expect = [], None
+
+    def act(self, frame: torch.Tensor) -> int:
+        im = self.imagination
+        if len(self.plan) > 1 and float(im.distance(im.target(frame), self.expect[:1])) <= self.imagined.radius:
+            self.plan, self.expect = self.plan[1:], self.expect[1:]
+            return int(self.actions[self.plan[0]])
+        path, self.expect = self.imagined.search(frame, self.goal)
+        if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
+            start = im.start(frame)
+            nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
+            path, self.expect = [int(im.distance(nxt, self.goal).min(1).values.argmin())], nxt[:0]
+        self.plan = path
+        return int(self.actions[path[0]])
+
+
+def make_planner(cfg: Any, imagination: Imagination, actions: list[int], graph: LatentGraph | None, seed: int):
+    """The planner a PlanConfig names (`planner`, `cost`, `aggregate` and their settings)."""
+    if cfg.planner == "imagined":
+        return ImaginedPlanner(imagination, actions, cfg.merge, cfg.max_nodes)
+    action_ids = torch.tensor(actions)
+    cost = GraphCost(imagination, graph) if cfg.cost == "graph" else LatentCost(imagination, action_ids)
+    if cfg.planner == "exhaustive":
+        search: Any = ExhaustiveSearch(len(actions), cfg.horizon)
+    else:
+        search = CEMSearch(len(actions), cfg.horizon, cfg.samples, cfg.iterations, cfg.elites, seed)
+    return SequencePlanner(imagination, actions, graph, cost, search, cfg.aggregate)
