@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from losses import collapse_warning, effective_rank, embedding_std
 from minigrid_dataset import OPTIONAL_PROBE_KEYS, PROBE_KEYS, MiniGridTransitions, split_episodes
+from models import model_from_checkpoint
 from wm_common import (
     atomic_write,
     check_data_fits_model,
@@ -34,10 +35,7 @@ from wm_common import (
     seed_everything,
     write_json,
 )
-from world_model_jepa import JEPAConfig, JEPAWorldModel
-from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
-MODELS = {"jepa_cnn": (JEPAConfig, JEPAWorldModel), "jepa_vit": (ViTJEPAConfig, ViTJEPA), "encdec_vit": (EncDecConfig, ViTEncoderDecoder)}
 PIXEL_ROLLOUT_STARTS = 512
 HORIZONS = list(range(1, 11))
 # A probe whose baseline (random encoder, pixels or the majority class) already scores this much
@@ -62,15 +60,6 @@ class InspectConfig:
         default_factory=lambda: [1, 3, 5],
         metadata={"help": "probe the model's k-step open-loop predictions for the state k steps ahead", "repeat": True},
     )
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    if ckpt["arch"] not in MODELS:
-        fail(f"checkpoint arch {ckpt['arch']!r} is not one this tool knows ({', '.join(MODELS)})")
-    config_cls, model_cls = MODELS[ckpt["arch"]]
-    model = model_cls(config=config_cls(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 @torch.no_grad()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from envs import NAV_ACTIONS, goal_frames, goal_position, layout_key, make_env, model_frames, oracle_steps, place_agent_randomly
-from inspect_jepa_model import model_from_checkpoint
 from minigrid_dataset import MiniGridTransitions
+from models import model_from_checkpoint
 from planners import UNREACHABLE, Imagination, LatentGraph, make_planner
 from wm_common import (
     atomic_write,

@@ -15,9 +15,9 @@ from conftest import ROOT, THREADS, assert_one_line_error, collect, load_npz, ok
 from torch import nn
 
 from envs import to_frames
-from inspect_jepa_model import model_from_checkpoint
 from losses import action_embedding
 from minigrid_dataset import MiniGridTransitions
+from models import model_from_checkpoint
 from wm_common import load_checkpoint, run_cli, save_checkpoint
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
