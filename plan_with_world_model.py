@@ -376,7 +376,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def main(cfg: PlanConfig) -> dict[str, Any]:
+def check_plan_flags(cfg: PlanConfig) -> None:
     for name in ("episodes", "horizon", "samples", "iterations", "elites", "max_nodes"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -387,7 +387,11 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
     check_seed(cfg.seed)
-    ckpt = load_checkpoint(cfg.checkpoint)
+
+
+def open_world(cfg: PlanConfig, ckpt: dict[str, Any]) -> tuple[Any, str, Any, int, list[int], np.ndarray | None]:
+    """The env to plan in, made as the model's data was (view, frame size, channels, actions),
+    checked against the model: (env, env id, image size, channels, actions, the user's goal image)."""
     meta = ckpt["data_meta"]
     env_id = cfg.env or meta.get("env") or fail("the checkpoint does not record its env; pass --env")
     obs_mode = meta.get("obs_mode", "rgb")
@@ -409,9 +413,10 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
             f"--max-steps {cfg.max_steps} is above {env_id}'s own limit of {env.unwrapped.max_steps} steps, where every episode "
             f"ends anyway; use at most {env.unwrapped.max_steps} or leave --max-steps out"
         )
-    check_budget(cfg, len(actions), frames=ckpt["arch"] == "encdec_vit" and (cfg.cost == "latent" or cfg.planner == "imagined"))
-    # the imagined search's cost is its own: steps through the map it imagines
-    cost = "imagined_steps" if cfg.planner == "imagined" else cfg.cost
+    return env, env_id, image_size, channels, actions, goal_obs
+
+
+def note_settings(cfg: PlanConfig, meta: dict[str, Any]) -> None:
     if cfg.env and meta.get("env") and cfg.env != meta["env"]:
         print(f"note: planning on {cfg.env} with a model trained on data from {meta['env']}")
     unused = [f"--{name.replace('_', '-')}" for name in UNUSED_BY[cfg.planner] if getattr(cfg, name) != getattr(PlanConfig(), name)]
@@ -420,29 +425,13 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
             f"note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by --planner {cfg.planner} (ignored)",
             file=sys.stderr,
         )
-    out = check_writable_dir(cfg.out_dir, "--out-dir")
-    seed_everything(cfg.seed)
-    device = choose_device(cfg.device)
-    model = model_from_checkpoint(ckpt).to(device)
-    imagination = Imagination(model, ckpt["arch"], device)
 
-    graph, graph_report = None, None
-    if cost == "graph":
-        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)  # the first episode's layout
-        graph, graph_report = build_graph(cfg.graph_data or meta.get("path"), imagination, goals, actions)
 
-    planner = make_planner(cfg, imagination, actions, graph, cfg.seed)
-    from tqdm import tqdm
-
-    planned, random_runs, film = [], [], []
-    bar = tqdm(range(cfg.episodes), desc=f"plan {env_id}", unit="ep", dynamic_ncols=True)
-    for e in bar:
-        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs, channels, film if e == 0 else None))
-        random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs, channels))
-        bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
-    bar.close()
+def make_report(cfg: PlanConfig, ckpt: dict[str, Any], env, env_id: str, cost: str, runs: tuple[list, list], graph_report) -> dict:
+    planned, random_runs = runs
+    meta = ckpt["data_meta"]
     oracle = [r["oracle_steps"] for r in planned if r["oracle_steps"] is not None]
-    report = {
+    return {
         "env": env_id,
         "checkpoint": str(cfg.checkpoint),
         "arch": ckpt["arch"],
@@ -465,14 +454,13 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         "per_episode": [{k: v for k, v in r.items() if k != "trace"} for r in planned],
         "random_per_episode": [{k: r[k] for k in ("seed", "success", "steps")} for r in random_runs],
     }
-    write_json(out / "plan.json", report)
-    draw(env_id, env, planned, out / "plan.png")
-    save_gif(film, out / "plan.gif")
-    env.close()
+
+
+def print_summary(cfg: PlanConfig, report: dict[str, Any], out: Path) -> None:
     ratio = report["steps_over_oracle"]
-    search = "imagined search" if cfg.planner == "imagined" else f"{cfg.planner} H={cfg.horizon} cost={cost}/{cfg.aggregate}"
+    search = "imagined search" if cfg.planner == "imagined" else f"{cfg.planner} H={cfg.horizon} cost={report['cost']}/{cfg.aggregate}"
     print(
-        f"{env_id}, {ckpt['arch']} + {search}, {cfg.start} starts: "
+        f"{report['env']}, {report['arch']} + {search}, {cfg.start} starts: "
         f"success {report['success_rate']:.2f} (random policy {report['random_success_rate']:.2f}), mean steps "
         f"{report['mean_steps'] if report['mean_steps'] is None else round(report['mean_steps'], 1)} vs oracle "
         f"{report['oracle_mean_steps']:.1f} ({'n/a' if ratio is None else f'{ratio:.2f}x'} on successes), "
@@ -485,6 +473,40 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}"
     )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
+
+
+def main(cfg: PlanConfig) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    check_plan_flags(cfg)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    env, env_id, image_size, channels, actions, goal_obs = open_world(cfg, ckpt)
+    check_budget(cfg, len(actions), frames=ckpt["arch"] == "encdec_vit" and (cfg.cost == "latent" or cfg.planner == "imagined"))
+    # the imagined search's cost is its own: steps through the map it imagines
+    cost = "imagined_steps" if cfg.planner == "imagined" else cfg.cost
+    note_settings(cfg, ckpt["data_meta"])
+    out = check_writable_dir(cfg.out_dir, "--out-dir")
+    seed_everything(cfg.seed)
+    device = choose_device(cfg.device)
+    imagination = Imagination(model_from_checkpoint(ckpt).to(device), ckpt["arch"], device)
+    graph, graph_report = None, None
+    if cost == "graph":
+        goals = goal_obs if goal_obs is not None else goal_frames(env, image_size, channels)  # the first episode's layout
+        graph, graph_report = build_graph(cfg.graph_data or ckpt["data_meta"].get("path"), imagination, goals, actions)
+    planner = make_planner(cfg, imagination, actions, graph, cfg.seed)
+    planned, random_runs, film = [], [], []
+    bar = tqdm(range(cfg.episodes), desc=f"plan {env_id}", unit="ep", dynamic_ncols=True)
+    for e in bar:
+        planned.append(run_episode(env, planner, actions, cfg, e, image_size, goal_obs, channels, film if e == 0 else None))
+        random_runs.append(run_episode(env, None, actions, cfg, e, image_size, goal_obs, channels))
+        bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
+    bar.close()
+    report = make_report(cfg, ckpt, env, env_id, cost, (planned, random_runs), graph_report)
+    write_json(out / "plan.json", report)
+    draw(env_id, env, planned, out / "plan.png")
+    save_gif(film, out / "plan.gif")
+    env.close()
+    print_summary(cfg, report, out)
     return report
 
 
