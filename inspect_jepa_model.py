@@ -409,34 +409,15 @@ def inspect_model(
     train_idx, test_idx = split_episodes(data.episode, tc.get("val_fraction", 0.1), tc.get("seed", 0))
     rng = np.random.default_rng(cfg.seed)
     train_idx, test_idx = subsample(train_idx, cfg.max_samples, rng), whole_episodes(test_idx, data.episode, cfg.max_samples, rng)
-    bs = cfg.batch_size
-    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    obs_te, act_te, next_te = data.obs[te], data.fields["action"][te], data.next_obs(te)
-    z_te = in_batches(model.encode, obs_te, batch_size=bs, device=device)
+    te = torch.from_numpy(test_idx)
+    obs_te = data.obs[te]
+    z_te = in_batches(model.encode, obs_te, batch_size=cfg.batch_size, device=device)
     dim = z_te.shape[1]
     pixel_model = ckpt["arch"] == "encdec_vit"
-    if pixel_model:
-        # the reconstruction baseline predicts frames: its prediction scores are in pixels
-        pred = in_batches(model.predict_frame, obs_te, act_te, batch_size=bs, device=device)
-        true = next_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
-        pred_loss = float((pred - true).pow(2).mean())
-        cos = F.cosine_similarity(pred.flatten(1), true.flatten(1), dim=-1)
-        grid = grid_size(data.meta)
-        if grid is not None and "agent_pos" in data.fields and data.frame_shape[-1] == 3:
-            cells = data.fields["agent_pos"][data.next_index[te].clamp(max=len(data) - 1)].numpy()
-            at_end = (data.next_index[te] >= len(data)).numpy()  # the last frame of an episode has no label row: skipped
-            keep = torch.from_numpy(~at_end)
-            current = obs_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
-            agent_cell = agent_cell_prediction(pred[keep], current[keep], true[keep], cells[~at_end], grid)
-        else:
-            agent_cell = None
-    else:
-        z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
-        z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
-        z_cur_tgt = in_batches(model.encode_target, obs_te, batch_size=bs, device=device)
-        pred_loss = float(unit_sq_dist(z_pred, z_tgt) / dim)
-        cos = F.cosine_similarity(z_pred, z_tgt, dim=-1)
+    score = pixel_scores if pixel_model else latent_scores
+    scores, cos = score(model, data, test_idx, z_te, cfg.batch_size, device)
     std, rank = embedding_std(z_te), effective_rank(z_te)
+    conv = first_layer(model)
     report: dict[str, Any] = {
         "arch": ckpt["arch"],
         "checkpoint_step": int(ckpt["step"]),
@@ -446,65 +427,102 @@ def inspect_model(
         "trained_on": {k: ckpt["data_meta"].get(k) for k in ("path", "env", "obs_mode", "seed", "episodes", "start")},
         "evaluated_on": "held-out episodes of the training data" if same_data else evaluated_elsewhere(ckpt["data_meta"], data.meta),
         "num_eval_transitions": len(test_idx),
-        "pred_loss": pred_loss,
+        "pred_loss": scores.pop("pred_loss"),
         "pred_space": "pixels (MSE of the next frame in [0,1])" if pixel_model else "latent (MSE of unit vectors)",
         "pred_cosine": float(cos.mean()),
         "embedding_std": std,
         "embedding_std_uniform": 1 / math.sqrt(dim),
         "effective_rank": rank,
         "collapse_warning": collapse_warning(std, rank, dim),
-    }
-    if pixel_model:
-        report["agent_cell_prediction"] = agent_cell
-    conv = first_layer(model)
-    report["first_conv"] = {
-        "shape": list(conv.shape),
-        "mean": float(conv.mean()),
-        "std": float(conv.std()),
-        "min": float(conv.min()),
-        "max": float(conv.max()),
+        **({"agent_cell_prediction": scores.pop("agent_cell_prediction")} if pixel_model else {}),
+        "first_conv": {"shape": list(conv.shape), **{k: float(getattr(conv, k)()) for k in ("mean", "std", "min", "max")}},
     }
     figure = {"z": z_te.numpy(), "cos": cos.numpy(), "conv": conv.numpy(), "spectrum": torch.linalg.svdvals(z_te).numpy()}
-    keys = probe_keys(data)
-    if keys:
-        lab_tr, lab_te = probe_labels(data, train_idx, keys), probe_labels(data, test_idx, keys)
-        z_tr = in_batches(model.encode, data.obs[tr], batch_size=bs, device=device)
-        report["probe"] = probe_suite(z_tr.numpy(), z_te.numpy(), lab_tr, lab_te, cfg.seed)
-        seed_everything(cfg.seed)
-        random_model = type(model)(config=model.config).to(device).eval()
-        r_tr = in_batches(random_model.encode, data.obs[tr], batch_size=bs, device=device)
-        r_te = in_batches(random_model.encode, obs_te, batch_size=bs, device=device)
-        report["baselines"] = {
-            "random_encoder": probe_suite(r_tr.numpy(), r_te.numpy(), lab_tr, lab_te, cfg.seed),
-            "pixels": probe_suite(pixels(data.obs[tr]), pixels(obs_te), lab_tr, lab_te, cfg.seed),
-            "majority_class": {f"{k}_acc": _majority(lab_tr[k], lab_te[k]) for k in keys},
-            "shuffled_labels": probe_suite(z_tr.numpy(), z_te.numpy(), shuffled(lab_tr, cfg.seed), lab_te, cfg.seed),
-        }
-        report["probe_saturated"] = saturation(report["baselines"])
-        flagged = [k.removesuffix("_acc") for k, v in report["probe_saturated"].items() if v]
-        if flagged:
-            report["probe_note"] = (
-                f"saturated: a baseline already scores >= {SATURATED} on {', '.join(flagged)}, so these probes cannot separate "
-                "models on this data (try --obs rgb_partial data, the predicted-latent probes, or another layout)"
-            )
-        if cfg.probe_horizons:
-            report["probe_predicted"] = predicted_probes(
-                model, pixel_model, data, train_idx, test_idx, z_tr.numpy(), z_te.numpy(), keys, cfg, device
-            )
+    report.update(probe_report(model, pixel_model, data, train_idx, test_idx, z_te, cfg, device))
+    if report["probe"] is not None:
         figure["agent_pos"] = data.fields["agent_pos"][te].numpy()
-    else:
-        report["probe"] = None
-        report["probe_note"] = (
-            "probes skipped: they need MiniGrid ground truth (agent_pos, agent_dir, goal_pos), which this data "
-            f"({data.meta.get('env', 'unknown env')}) does not have; collapse and rollout metrics still apply"
-        )
     if pixel_model:
         figure["strip"] = frame_strip(model, data, test_idx, device)
-    if pixel_model:
-        report["rollout"] = pixel_rollout_errors(model, obs_te, act_te, next_te, data.episode[test_idx], device, bs)
-    else:
-        report["rollout"] = rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device)
+    report["rollout"] = scores.pop("rollout")
     return report, figure
+
+
+def latent_scores(model, data: MiniGridTransitions, test_idx: np.ndarray, z_te: torch.Tensor, bs: int, device) -> tuple[dict, torch.Tensor]:
+    """A JEPA's one-step prediction (normalised MSE of unit latents) and its open-loop rollouts;
+    returns them and the per-transition cosines."""
+    te = torch.from_numpy(test_idx)
+    act_te, next_te = data.fields["action"][te], data.next_obs(te)
+    z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
+    z_tgt = in_batches(model.encode_target, next_te, batch_size=bs, device=device)
+    z_cur_tgt = in_batches(model.encode_target, data.obs[te], batch_size=bs, device=device)
+    scores = {
+        "pred_loss": float(unit_sq_dist(z_pred, z_tgt) / z_te.shape[1]),
+        "rollout": rollout_errors(model, z_te, z_tgt, z_cur_tgt, act_te, data.episode[test_idx], device),
+    }
+    return scores, F.cosine_similarity(z_pred, z_tgt, dim=-1)
+
+
+def pixel_scores(model, data: MiniGridTransitions, test_idx: np.ndarray, z_te: torch.Tensor, bs: int, device) -> tuple[dict, torch.Tensor]:
+    """The reconstruction baseline predicts frames: its scores are in pixels, plus whether its
+    predicted frame draws the agent on its next cell (full-grid RGB MiniGrid views)."""
+    te = torch.from_numpy(test_idx)
+    obs_te, act_te, next_te = data.obs[te], data.fields["action"][te], data.next_obs(te)
+    pred = in_batches(model.predict_frame, obs_te, act_te, batch_size=bs, device=device)
+    true = next_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
+    grid = grid_size(data.meta)
+    agent_cell = None
+    if grid is not None and "agent_pos" in data.fields and data.frame_shape[-1] == 3:
+        cells = data.fields["agent_pos"][data.next_index[te].clamp(max=len(data) - 1)].numpy()
+        at_end = (data.next_index[te] >= len(data)).numpy()  # the last frame of an episode has no label row: skipped
+        keep = torch.from_numpy(~at_end)
+        current = obs_te.permute(0, 3, 1, 2).float() / model.config.pixel_scale
+        agent_cell = agent_cell_prediction(pred[keep], current[keep], true[keep], cells[~at_end], grid)
+    scores = {
+        "pred_loss": float((pred - true).pow(2).mean()),
+        "agent_cell_prediction": agent_cell,
+        "rollout": pixel_rollout_errors(model, obs_te, act_te, next_te, data.episode[test_idx], device, bs),
+    }
+    return scores, F.cosine_similarity(pred.flatten(1), true.flatten(1), dim=-1)
+
+
+def probe_report(model, pixel_model: bool, data, train_idx, test_idx, z_te: torch.Tensor, cfg: InspectConfig, device) -> dict[str, Any]:
+    """Linear probes of the latents against their baselines (random encoder, pixels, majority
+    class, shuffled labels), the saturation flags, and the probes of predictions; or a note why
+    there are none."""
+    keys = probe_keys(data)
+    if not keys:
+        return {
+            "probe": None,
+            "probe_note": "probes skipped: they need MiniGrid ground truth (agent_pos, agent_dir, goal_pos), which this data "
+            f"({data.meta.get('env', 'unknown env')}) does not have; collapse and rollout metrics still apply",
+        }
+    bs, tr, te = cfg.batch_size, torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    obs_te = data.obs[te]
+    lab_tr, lab_te = probe_labels(data, train_idx, keys), probe_labels(data, test_idx, keys)
+    z_tr = in_batches(model.encode, data.obs[tr], batch_size=bs, device=device)
+    report: dict[str, Any] = {"probe": probe_suite(z_tr.numpy(), z_te.numpy(), lab_tr, lab_te, cfg.seed)}
+    seed_everything(cfg.seed)
+    random_model = type(model)(config=model.config).to(device).eval()
+    r_tr = in_batches(random_model.encode, data.obs[tr], batch_size=bs, device=device)
+    r_te = in_batches(random_model.encode, obs_te, batch_size=bs, device=device)
+    report["baselines"] = {
+        "random_encoder": probe_suite(r_tr.numpy(), r_te.numpy(), lab_tr, lab_te, cfg.seed),
+        "pixels": probe_suite(pixels(data.obs[tr]), pixels(obs_te), lab_tr, lab_te, cfg.seed),
+        "majority_class": {f"{k}_acc": _majority(lab_tr[k], lab_te[k]) for k in keys},
+        "shuffled_labels": probe_suite(z_tr.numpy(), z_te.numpy(), shuffled(lab_tr, cfg.seed), lab_te, cfg.seed),
+    }
+    report["probe_saturated"] = saturation(report["baselines"])
+    flagged = [k.removesuffix("_acc") for k, v in report["probe_saturated"].items() if v]
+    if flagged:
+        report["probe_note"] = (
+            f"saturated: a baseline already scores >= {SATURATED} on {', '.join(flagged)}, so these probes cannot separate "
+            "models on this data (try --obs rgb_partial data, the predicted-latent probes, or another layout)"
+        )
+    if cfg.probe_horizons:
+        report["probe_predicted"] = predicted_probes(
+            model, pixel_model, data, train_idx, test_idx, z_tr.numpy(), z_te.numpy(), keys, cfg, device
+        )
+    return report
 
 
 def evaluated_elsewhere(trained: dict, evaluated: dict) -> str:
