@@ -563,107 +563,165 @@ def _majority(y_train: np.ndarray, y_test: np.ndarray) -> float:
     return float(np.mean(y_test == values[counts.argmax()]))
 
 
+PROBE_NAMES = {
+    "agent_pos_acc": "cell",
+    "agent_dir_acc": "heading",
+    "goal_pos_acc": "goal",
+    "door_state_acc": "door",
+    "carrying_acc": "carried",
+}
+PANELS = 7  # per model row: filters, latents, cosines, probes, probes of predictions, rollouts, spectrum
+
+
 def draw(reports: dict[str, dict], figures: dict[str, dict], out_png: Path) -> None:
-    """One row per model: first-layer filters, PCA of latents coloured by agent cell, cosine of
-    z_pred vs z_target, probe accuracy vs baselines, probes of predictions vs horizon, rollout
-    error vs horizon, spectrum; below an encoder-decoder's row, its rollout as an image strip."""
+    """inspection.png: one row per model, seven panels (below an encoder-decoder's row its
+    open-loop rollout as an image strip). Legends sit under their axes, never on the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     strips = [name for name in reports if figures[name].get("strip") is not None]
-    heights = [h for name in reports for h in ([1.0, 0.5] if name in strips else [1.0])]
-    fig = plt.figure(figsize=(29, 4.2 * sum(heights)))
-    layout = fig.add_gridspec(len(heights), 7, height_ratios=heights)
-    row = 0
-    for name, rep in reports.items():
-        fg = figures[name]
-        ax = [fig.add_subplot(layout[row, c]) for c in range(7)]
-        if name in strips:
-            _draw_strip(fig.add_subplot(layout[row + 1, :]), fg["strip"], name)
-        row += 1 + (name in strips)
-        conv = fg["conv"]  # [out, in, k, k]
-        k = conv.shape[-1]
-        n_show = min(32, conv.shape[0])
-        cols = 8
-        grid = np.ones(((k + 1) * math.ceil(n_show / cols), (k + 1) * cols, 3))
-        for i in range(n_show):
-            w = conv[i, :3] if conv.shape[1] >= 3 else np.repeat(conv[i, :1], 3, axis=0)
-            w = (w - w.min()) / (w.max() - w.min() + 1e-8)
-            y0, x0 = (i // cols) * (k + 1), (i % cols) * (k + 1)
-            grid[y0 : y0 + k, x0 : x0 + k] = w.transpose(1, 2, 0)
-        ax[0].imshow(grid, interpolation="nearest")
-        layer = "first conv filters" if rep["arch"] == "jepa_cnn" else "patch embedding rows"
-        ax[0].set(title=f"{name}: {layer}", xticks=[], yticks=[])
-        z = fg["z"] - fg["z"].mean(0)
-        _, _, vt = np.linalg.svd(z, full_matrices=False)
-        p2 = z @ vt[:2].T
-        if "agent_pos" in fg:
-            pos = fg["agent_pos"]
-            sc = ax[1].scatter(p2[:, 0], p2[:, 1], c=pos[:, 0] * 100 + pos[:, 1], cmap="viridis", s=6)
-            ax[1].set_title("latents, PCA (colour: agent x*100+y)")
-            fig.colorbar(sc, ax=ax[1], fraction=0.04)
-        else:
-            ax[1].scatter(p2[:, 0], p2[:, 1], s=6)
-            ax[1].set_title("latents, PCA")
-        ax[2].hist(fg["cos"], bins=40, range=(-1, 1), color="tab:blue")
-        pixels_space = rep["rollout"].get("space") == "pixels"
-        what = "cos(predicted, true next frame)" if pixels_space else "cos(z_pred, z_target)"
-        ax[2].set(title=f"{what}: mean {rep['pred_cosine']:.3f}", xlabel="cosine")
-        if rep.get("probe"):
-            keys = list(rep["probe"])
-            groups = {
-                "model": rep["probe"],
-                "random encoder": rep["baselines"]["random_encoder"],
-                "pixels 16x16": rep["baselines"]["pixels"],
-                "majority class": rep["baselines"]["majority_class"],
-                "shuffled labels": rep["baselines"]["shuffled_labels"],
-            }
-            width = 0.8 / len(groups)
-            for j, (label, vals) in enumerate(groups.items()):
-                ax[3].bar(np.arange(len(keys)) + j * width, [vals[k] for k in keys], width, label=label)
-            ax[3].set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_acc", "") for k in keys])
-            ax[3].set(title="linear probes, held-out episodes", ylim=(0, 1.05), ylabel="accuracy")
-            ax[3].legend(fontsize=7)
-        else:
-            ax[3].text(0.5, 0.5, "no probe labels in data", ha="center")
-            ax[3].set_axis_off()
-        _draw_predicted_probes(ax[4], rep.get("probe_predicted"))
-        ax = ax[:4] + ax[5:]
-        ro = rep["rollout"]
-        ax[4].plot(ro["horizons"], ro["error"], "o-", label="model rollout")
-        ax[4].plot(
-            ro["horizons"],
-            ro["copy_baseline_error"],
-            "s--",
-            label="copy last frame" if rep["rollout"].get("space") == "pixels" else "copy last latent",
-        )
-        ax[4].axhline(1.0, color="grey", ls=":", label="chance")
-        space = "pixel" if pixels_space else "latent"
-        ax[4].set(title=f"open-loop {space} error (1 = chance)", xlabel="horizon (steps)", ylim=(0, None))
-        ax[4].legend(fontsize=7)
-        s = fg["spectrum"]
-        ax[5].semilogy(np.arange(1, len(s) + 1), s / s.max(), ".-")
-        warn = "  COLLAPSED" if rep["collapse_warning"] else ""
-        ax[5].set(title=f"singular values; RankMe {rep['effective_rank']:.1f}/{rep['latent_dim']}{warn}", xlabel="index")
-    fig.tight_layout()
-    atomic_write(out_png, lambda p: fig.savefig(p, dpi=80, format="png"))
-    plt.close(fig)
+    heights = [h for name in reports for h in ([1.0, 0.45] if name in strips else [1.0])]
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 8}):
+        fig = plt.figure(figsize=(3.4 * PANELS, 5.2 * sum(heights)))
+        layout = fig.add_gridspec(len(heights), PANELS, height_ratios=heights, hspace=1.3, wspace=0.4)
+        row = 0
+        for name, rep in reports.items():
+            fg = figures[name]
+            ax = [fig.add_subplot(layout[row, c]) for c in range(PANELS)]
+            _panel_filters(ax[0], fg["conv"], rep["arch"], name)
+            _panel_latents(ax[1], fg["z"], fg.get("agent_pos"))
+            _panel_cosines(ax[2], fg["cos"], rep)
+            _panel_probes(ax[3], rep)
+            _draw_predicted_probes(ax[4], rep.get("probe_predicted"))
+            _panel_rollout(ax[5], rep["rollout"])
+            _panel_spectrum(ax[6], fg["spectrum"], rep)
+            if name in strips:
+                _draw_strip(fig.add_subplot(layout[row + 1, :]), fg["strip"], name)
+            row += 1 + (name in strips)
+        atomic_write(out_png, lambda p: fig.savefig(p, dpi=80, format="png", bbox_inches="tight"))
+        plt.close(fig)
+
+
+def _legend_below(ax, ncol: int = 1) -> None:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
+
+
+def _panel_filters(ax, conv: np.ndarray, arch: str, name: str) -> None:
+    k = conv.shape[-1]  # conv: [out, in, k, k]
+    n_show, cols = min(32, conv.shape[0]), 8
+    grid = np.ones(((k + 1) * math.ceil(n_show / cols), (k + 1) * cols, 3))
+    for i in range(n_show):
+        w = conv[i, :3] if conv.shape[1] >= 3 else np.repeat(conv[i, :1], 3, axis=0)
+        w = (w - w.min()) / (w.max() - w.min() + 1e-8)
+        y0, x0 = (i // cols) * (k + 1), (i % cols) * (k + 1)
+        grid[y0 : y0 + k, x0 : x0 + k] = w.transpose(1, 2, 0)
+    ax.imshow(grid, interpolation="nearest")
+    layer = "first conv filters" if arch == "jepa_cnn" else "patch embedding rows"
+    ax.set(title=f"{name}\n{layer}", xticks=[], yticks=[])
+
+
+def cell_colours(pos: np.ndarray) -> np.ndarray:
+    """Agent cells [N,2] -> RGB [N,3]: x sets red, y sets green, so neighbouring cells get
+    neighbouring colours and every cell its own (a key of the grid is drawn beside the plot)."""
+    span = np.maximum(pos.max(0) - pos.min(0), 1)
+    xy = (pos - pos.min(0)) / span
+    return np.stack([0.15 + 0.8 * xy[:, 0], 0.15 + 0.8 * xy[:, 1], np.full(len(pos), 0.55)], 1)
+
+
+def _panel_latents(ax, z: np.ndarray, agent_pos: np.ndarray | None) -> None:
+    z = z - z.mean(0)
+    _, sv, vt = np.linalg.svd(z, full_matrices=False)
+    p2 = z @ vt[:2].T
+    share = sv[:2] ** 2 / max(float((sv**2).sum()), 1e-12)
+    if agent_pos is None:
+        ax.scatter(p2[:, 0], p2[:, 1], s=6)
+        ax.set_title("latents, first two PCs")
+    else:
+        ax.scatter(p2[:, 0], p2[:, 1], c=cell_colours(agent_pos), s=6)
+        ax.set_title("latents, first two PCs\n(colour: the agent's cell, key below)")
+        cells = np.unique(agent_pos, axis=0)
+        key = ax.inset_axes([0.36, -0.62, 0.28, 0.28])
+        key.scatter(cells[:, 0], cells[:, 1], c=cell_colours(np.concatenate([cells, agent_pos]))[: len(cells)], s=8, marker="s")
+        key.invert_yaxis()
+        key.set(xticks=[], yticks=[], aspect="equal")
+        key.set_xlabel("the grid's cells", fontsize=8)
+    ax.set(xlabel=f"PC1 ({share[0]:.0%} of variance)", ylabel=f"PC2 ({share[1]:.0%})")
+
+
+def _panel_cosines(ax, cos: np.ndarray, rep: dict) -> None:
+    low = float(np.quantile(cos, 0.01)) if len(cos) else -1.0
+    low = max(-1.0, low - 0.05 * (1 - low))  # zoom on where the mass is
+    ax.hist(np.clip(cos, low, 1), bins=40, range=(low, 1), color="tab:blue")
+    what = "predicted vs true next frame" if rep["rollout"].get("space") == "pixels" else "z_pred vs z_target"
+    ax.set(title=f"cosine, {what}\nmean {rep['pred_cosine']:.3f}", xlabel="cosine (1st percentile and up)", ylabel="transitions")
+
+
+def _panel_probes(ax, rep: dict) -> None:
+    if not rep.get("probe"):
+        ax.text(0.5, 0.5, "no probe labels in the data", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    keys = list(rep["probe"])
+    groups = {
+        "model": rep["probe"],
+        "random encoder": rep["baselines"]["random_encoder"],
+        "pixels 16x16": rep["baselines"]["pixels"],
+        "majority class": rep["baselines"]["majority_class"],
+        "shuffled labels": rep["baselines"]["shuffled_labels"],
+    }
+    width = 0.8 / len(groups)
+    for j, (label, vals) in enumerate(groups.items()):
+        ax.bar(np.arange(len(keys)) + j * width, [vals[k] for k in keys], width, label=label, color=f"C{j}")
+    saturated = rep.get("probe_saturated") or {}
+    names = [PROBE_NAMES.get(k, k.removesuffix("_acc")) + ("*" if saturated.get(k) else "") for k in keys]
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, names)
+    ax.axhline(SATURATED, color="grey", ls=":", lw=1)
+    title = "linear probes, held-out episodes"
+    if any(saturated.values()):
+        title += f"\n* saturated: a baseline >= {SATURATED}"
+    ax.set(title=title, ylim=(0, 1.05), ylabel="accuracy")
+    _legend_below(ax)
+
+
+def _panel_rollout(ax, ro: dict) -> None:
+    pixels_space = ro.get("space") == "pixels"
+    ax.plot(ro["horizons"], ro["error"], "o-", label="model rollout")
+    ax.plot(ro["horizons"], ro["copy_baseline_error"], "s--", label="copy last frame" if pixels_space else "copy last latent")
+    ax.axhline(1.0, color="grey", ls=":", label="chance")
+    ax.set(
+        title=f"open-loop {'pixel' if pixels_space else 'latent'} error",
+        xlabel="horizon (steps)",
+        ylabel="error (1 = chance)",
+        ylim=(0, None),
+    )
+    _legend_below(ax)
+
+
+def _panel_spectrum(ax, s: np.ndarray, rep: dict) -> None:
+    ax.semilogy(np.arange(1, len(s) + 1), s / s.max(), ".-")
+    warn = "\nCOLLAPSED" if rep["collapse_warning"] else ""
+    ax.set(
+        title=f"singular values of the latents\nRankMe {rep['effective_rank']:.1f} of {rep['latent_dim']}{warn}",
+        xlabel="index",
+        ylabel="value / largest",
+    )
 
 
 def _draw_predicted_probes(ax, pp: dict | None) -> None:
     if not pp:
-        ax.text(0.5, 0.5, "no predicted-latent probes", ha="center")
+        ax.text(0.5, 0.5, "no predicted-latent probes", ha="center", va="center")
         ax.set_axis_off()
         return
     for j, key in enumerate(k for k in pp if k.endswith("_acc")):
         colour = f"C{j}"
-        label = key.removesuffix("_acc")
+        label = PROBE_NAMES.get(key, key.removesuffix("_acc"))
         ax.plot(pp["horizons"], pp[key], "o-", color=colour, label=f"{label}: prediction")
         ax.plot(pp["horizons"], pp["from_current_latent"][key], "s:", color=colour, label=f"{label}: latent of obs_t")
     ax.set(title="probe of the state at t+h", xlabel="horizon h (steps)", ylabel="held-out accuracy", ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.set_xticks(pp["horizons"])
+    _legend_below(ax)
 
 
 def _draw_strip(ax, strip: dict[str, np.ndarray], name: str) -> None:
