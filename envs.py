@@ -223,3 +223,19 @@ def oracle_steps(base) -> dict[tuple[int, int, int], int]:
                 dist[p] = dist[s] + 1
                 queue.append(p)
     return dist
+
+
+def action_label(env_id: str, action) -> str:
+    """An action as a reader knows it: MiniGrid's by name (left, right, forward, ...), other
+    discrete actions by number, continuous ones as their vector."""
+    a = np.asarray(action)
+    if a.ndim:
+        return "[" + ", ".join(f"{v:.2f}" for v in a.tolist()) + "]"
+    if env_id.startswith(("MiniGrid", "BabyAI")):
+        from minigrid.core.actions import Actions
+
+        try:
+            return Actions(int(a)).name
+        except ValueError:
+            pass
+    return str(int(a))

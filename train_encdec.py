@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs import action_label
 from minigrid_dataset import MiniGridTransitions, split_episodes
 from training import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, run_training
 from wm_common import atomic_write, check_sizes, choose_device, fail, load_checkpoint, rank, run_cli
@@ -99,9 +100,8 @@ def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: t
     fig, axes = plt.subplots(len(idx), 4, figsize=(8, 2.1 * len(idx)), squeeze=False)
     for r in range(len(idx)):
         images = (obs[r].numpy() / scale, pred[r], true[r], np.abs(pred[r] - true[r]).mean(-1))
-        a = act[r]
-        action = str(int(a)) if a.ndim == 0 else "[" + ", ".join(f"{v:.2f}" for v in a.tolist()) + "]"
-        titles = (f"s_t (action {action})", "predicted s_t+1", "true s_t+1", f"|diff| mean {np.abs(pred[r] - true[r]).mean():.3f}")
+        action = action_label(str(data.meta.get("env", "")), act[r].numpy())
+        titles = (f"s_t, then {action}", "predicted s_t+1", "true s_t+1", f"|difference|, mean {np.abs(pred[r] - true[r]).mean():.3f}")
         for c, (img, title) in enumerate(zip(images, titles, strict=True)):
             ax = axes[r, c]
             ax.imshow(np.clip(img.squeeze(), 0, 1), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None, vmin=0, vmax=1)

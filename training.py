@@ -109,43 +109,48 @@ def plot_metrics(metrics_csv: Path, out_png: Path, *, latent_dim: int | None, ti
     terms = [k for k in (rows[0].keys() if rows else []) if k.endswith("_loss") and k != "loss"]
     has_diag = latent_dim is not None and series("val", "effective_rank")[0]
     ncols = 1 + (1 if terms else 0) + (2 if has_diag else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 4.4), squeeze=False)
     axes = list(axes[0])
     ax = axes.pop(0)
-    for phase, style in (("train", "-"), ("val", "o-")):
+    for phase, style, label in (("train", "-", "train (per logged window)"), ("val", "o-", "validation (per epoch)")):
         x, y = series(phase, "loss")
         if x:
-            ax.plot(x, y, style, label=phase, ms=4)
-    ax.set(title="loss (what is optimised)", xlabel="step")
+            ax.plot(x, y, style, label=label, ms=4)
+    ax.set(title="loss (what is optimised)", xlabel="optimizer step", ylabel="loss")
     _log_if_positive(ax)
-    ax.legend()
+    _legend_under(ax)
     if terms:
         ax = axes.pop(0)
         for key in terms:
             x, y = series("train", key)
             if x:
                 ax.plot(x, y, label=key)
-        ax.set(title="loss terms (train)", xlabel="step")
+        ax.set(title="loss terms (train)", xlabel="optimizer step", ylabel="term value (unweighted)")
         _log_if_positive(ax)
-        ax.legend(fontsize=8)
+        _legend_under(ax, ncol=2)
     if has_diag:
         x, y = series("val", "embedding_std")
         ax = axes.pop(0)
-        ax.plot(x, y, "o-")
-        ax.axhline(1 / math.sqrt(latent_dim), color="g", ls=":", label="uniform spread")
-        ax.axhline(0.1 / math.sqrt(latent_dim), color="r", ls="--", label="collapse below")
-        ax.set(title="latent per-dim std (val)", xlabel="step", ylim=(0, None))
-        ax.legend(fontsize=8)
+        ax.plot(x, y, "o-", label="held-out episodes")
+        ax.axhline(1 / math.sqrt(latent_dim), color="g", ls=":", label="uniform spread on the sphere")
+        ax.axhline(0.1 / math.sqrt(latent_dim), color="r", ls="--", label="collapsed below this")
+        ax.set(title="latent per-dimension std", xlabel="optimizer step", ylabel="std of unit latents", ylim=(0, None))
+        _legend_under(ax)
         x, y = series("val", "effective_rank")
         ax = axes.pop(0)
-        ax.plot(x, y, "o-")
-        ax.axhline(max(1.5, min(3.0, 0.02 * latent_dim)), color="r", ls="--", label="collapse below")
-        ax.set(title=f"effective rank, RankMe (of {latent_dim})", xlabel="step", ylim=(0, None))
-        ax.legend(fontsize=8)
+        ax.plot(x, y, "o-", label="held-out episodes")
+        ax.axhline(max(1.5, min(3.0, 0.02 * latent_dim)), color="r", ls="--", label="collapsed below this")
+        ax.set(title=f"effective rank (RankMe), of {latent_dim}", xlabel="optimizer step", ylabel="RankMe", ylim=(0, None))
+        _legend_under(ax)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(out_png, lambda p: fig.savefig(p, dpi=90, format="png"))
+    atomic_write(out_png, lambda p: fig.savefig(p, dpi=90, format="png", bbox_inches="tight"))
     plt.close(fig)
+
+
+def _legend_under(ax: Any, ncol: int = 1) -> None:
+    """Legends go under the axes: on the curves they hide what they label."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False, fontsize=8)
 
 
 def _log_if_positive(ax: Any) -> None:
