@@ -434,7 +434,7 @@ def test_random_bytes(tmp_path):
     with pytest.raises(UserError, match="re-run collect_minigrid_data.py"):
         MiniGridTransitions(p)
     p.write_bytes(b"")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"is not an \.npz \(empty\)"):
         MiniGridTransitions(p)
 
 
@@ -445,7 +445,7 @@ def test_random_bytes_inside_a_zip_member(tmp_path, tiny_npz):
     raw[mid : mid + 64] = bytes(64)
     p = tmp_path / "flipped.npz"
     p.write_bytes(bytes(raw))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"flipped\.npz (is corrupt|is not a readable \.npz)"):
         MiniGridTransitions(p)
 
 
@@ -492,7 +492,7 @@ def test_obs_wrong_ndim(tmp_path, valid_arrays):
 
 def test_obs_scalar(tmp_path, valid_arrays):
     p = _bad(tmp_path, valid_arrays, obs=np.array(3, np.uint8))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"'obs' must be uint8 frames \[N,H,W,C\]"):
         MiniGridTransitions(p)
 
 
@@ -581,7 +581,7 @@ def test_object_arrays_are_refused(tmp_path, valid_arrays):
     arrays = dict(valid_arrays, meta=np.array([{"env": "x"}], dtype=object))
     with p.open("wb") as f:
         np.savez(f, **arrays)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"pickled\.npz is not a readable \.npz"):
         MiniGridTransitions(p)
 
 

@@ -44,7 +44,7 @@ def test_latent_dim_and_num_actions_are_configurable():
     z = model.encode(frames(2, (32, 32, 3)))
     assert z.shape == (2, 16)
     assert model.predict(z, torch.tensor([0, 2])).shape == (2, 16)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index out of range"):
         model.predict(z, torch.tensor([0, 3]))
 
 
@@ -104,7 +104,7 @@ def test_reg_vicreg_adds_std_and_cov_with_coefficients():
 
 
 def test_bad_reg_is_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reg must be 'none' or 'vicreg', got 'bogus'"):
         JEPAConfig(reg="bogus")
 
 
