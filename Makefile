@@ -56,9 +56,10 @@ demo: setup
 plan: setup
 	$(BIN)/python plan_with_world_model.py --checkpoint checkpoints/jepa_cnn --episodes 20 --out-dir planning
 
-# plan on layouts the model never saw: collect TRAIN_LAYOUTS layouts of ENV (random starts, 8 px per
-# cell), train the spatial CNN JEPA, plan with the imagined search on layouts from EVAL_SEED on.
-# The training seeds are chosen disjoint from the evaluation's; plan.json says what was held out.
+# plan on layouts the model never saw: collect TRAIN_LAYOUTS episodes of ENV (random starts, 8 px per
+# cell, walking over the goal) leaving out every layout the evaluation's seeds draw, train the
+# spatial CNN JEPA, plan with the imagined search on PLAN_EPISODES layouts from EVAL_SEED on.
+# plan.json says whether those layouts were in the training data (compared grid by grid).
 ENV ?= MiniGrid-SimpleCrossingS9N1-v0
 EVAL_SEED ?= 10000
 OUT ?= plan_unseen
@@ -67,8 +68,8 @@ PLAN_EPISODES ?= 20
 PLAN_TRAIN_FLAGS ?=
 plan-unseen: setup
 	@size=$$($(BIN)/python -c "import gymnasium as gym, minigrid; print(8 * gym.make('$(ENV)').unwrapped.width)") && \
-	train_seed=$$(( $(EVAL_SEED) >= $(TRAIN_LAYOUTS) ? 0 : $(EVAL_SEED) + $(PLAN_EPISODES) )) && \
-	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed $$train_seed \
+	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed 0 \
+		--exclude-layouts $(EVAL_SEED):$$(( $(EVAL_SEED) + $(PLAN_EPISODES) )) --through-goal \
 		--start random --actions nav --image-size $$size --out $(OUT)/data.npz --overwrite && \
 	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite $(PLAN_TRAIN_FLAGS) && \
 	$(BIN)/python plan_with_world_model.py --checkpoint $(OUT)/model --planner imagined --env $(ENV) --seed $(EVAL_SEED) \

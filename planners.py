@@ -168,13 +168,29 @@ class LatentGraph:
 
 
 def step_scale(steps: torch.Tensor) -> float:
-    """The (squared) distance of the smallest real step among the current state's imagined
-    successors [A]: what two distinct neighbouring states are apart. Steps under a tenth of the
-    largest are actions that changed nothing (forward into a wall, a no-op), only model noise.
-    In a spatial latent a move forward shifts a few cells while a turn redraws the whole view, so
-    the smallest real step, not the largest, bounds what may be merged."""
+    """The (squared) distance of the smallest real step among imagined steps [N]: what two
+    distinct neighbouring states are apart. Steps under a tenth of the largest are actions that
+    changed nothing (forward into a wall, a no-op), only model noise. In a spatial latent a move
+    forward shifts a few cells while a turn redraws the whole view, so the smallest real step, not
+    the largest, bounds what may be merged."""
     real = steps[steps > 0.1 * steps.max()]
     return float(real.min()) if len(real) else 0.0
+
+
+@torch.no_grad()
+def local_steps(imagination: "Imagination", state: torch.Tensor, vector: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """The distances of every imagined step within two actions of a state [1,...] (its vector
+    [1,F]): A first steps and A*A second ones. Two levels, because from a state facing a wall the
+    only real first steps are turns, larger than the forward steps everywhere else."""
+    n = len(actions)
+    first = imagination.step(state.expand(n, *state.shape[1:]), actions)  # [A,...]
+    v1 = imagination.embed(first)
+    second = imagination.embed(imagination.step(first.repeat_interleave(n, 0), actions.repeat(n)))  # [A*A,F]
+    d1 = imagination.distance(vector, v1)[0]
+    d2 = (second.view(n, n, -1) - v1[:, None]).pow(2).sum(-1).flatten()
+    if imagination.pixels:
+        d2 = d2 / second.shape[1]
+    return torch.cat([d1, d2])
 
 
 class ImaginedGraph:
@@ -207,7 +223,7 @@ class ImaginedGraph:
             nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
             vec = im.embed(nxt)
             if radius is None:
-                radius = self.merge * step_scale(im.distance(vectors, vec)[0])
+                radius = self.merge * step_scale(local_steps(im, states[:1], vectors[:1], self.actions))
             known = im.distance(vec, vectors).min(1).values <= radius
             fresh = []
             for i in (~known).nonzero().flatten().tolist():
