@@ -94,7 +94,7 @@ class PlanConfig:
     iterations: int = field(default=4, metadata={"help": "cem: refits of the sampling distribution"})
     elites: int = field(default=32, metadata={"help": "cem: best sequences the distribution is refitted to"})
     merge: float = field(
-        default=0.7,
+        default=0.5,
         metadata={"help": "imagined: two imagined states are one when closer than this share of the shortest real step"},
     )
     max_nodes: int = field(default=3000, metadata={"help": "imagined: most states one search imagines"})
