@@ -27,7 +27,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,22 +223,24 @@ def parse_seed_range(text: str, flag: str) -> range:
     return range(int(match[1]), int(match[2]))
 
 
-def reset_seeds(env, cfg: CollectConfig) -> list[int]:
-    """The reset seed of every episode: --seed + e, except that with --exclude-layouts a seed
-    whose layout is one of the excluded seeds' is passed over for the next one."""
-    if cfg.fixed_layout:
-        seeds = [cfg.seed] * cfg.episodes
-    else:
-        seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
+MAX_EXCLUDING_EPISODES = 1_000_000  # --exclude-layouts lists every episode's seed up front (and in meta)
+
+
+def reset_seeds(env, cfg: CollectConfig) -> Sequence[int]:
+    """The reset seed of every episode: --seed + e (or --seed with --fixed-layout), except that
+    with --exclude-layouts a seed whose layout is one of the excluded seeds' is passed over for the
+    next one."""
     if not cfg.exclude_layouts:
-        return seeds
+        return range(cfg.seed, cfg.seed + 1) if cfg.fixed_layout else range(cfg.seed, cfg.seed + cfg.episodes)
     excluded = {layout_key(env, s) for s in parse_seed_range(cfg.exclude_layouts, "--exclude-layouts")}
     if cfg.fixed_layout:
         if layout_key(env, cfg.seed) in excluded:
             fail(
                 f"--fixed-layout --seed {cfg.seed} draws a layout that --exclude-layouts {cfg.exclude_layouts} excludes; pick another --seed"
             )
-        return seeds
+        return range(cfg.seed, cfg.seed + 1)
+    if cfg.episodes > MAX_EXCLUDING_EPISODES:
+        fail(f"--exclude-layouts lists each episode's seed: at most {MAX_EXCLUDING_EPISODES:,} episodes, got {cfg.episodes}")
     seeds, candidate = [], cfg.seed
     while len(seeds) < cfg.episodes:
         if candidate - cfg.seed > 100 * cfg.episodes + 1000:
@@ -538,10 +540,10 @@ def open_source(cfg: CollectConfig, minigrid_env: bool):
         seeds = reset_seeds(env, cfg)
         extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout, "through_goal": cfg.through_goal}
         if cfg.exclude_layouts:
-            extra.update(exclude_layouts=cfg.exclude_layouts, reset_seeds=seeds)
+            extra.update(exclude_layouts=cfg.exclude_layouts, reset_seeds=list(seeds))
         return (
             env,
-            lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size, seeds[e]),
+            lambda e: run_episode(env, e, cfg, n_actions, cfg.image_size, seeds[0] if cfg.fixed_layout else seeds[e]),
             {"type": "discrete", "n": n_actions},
             {"obs_mode": cfg.obs, "extra": extra},
         )

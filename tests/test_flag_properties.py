@@ -50,6 +50,7 @@ import inspect_jepa_model
 import minigrid_dataset
 import plan_with_world_model
 import train_jepa
+import training
 import wm_common
 
 # ----------------------------------------------------------------------------- the stages
@@ -90,14 +91,14 @@ VIT = [*TRAIN, "--mlp-dim", "32"]
 STAGES = {
     "collect": Stage("collect", lambda i, o: ["--out", o / "data.npz"], (collect_minigrid_data, "remove_leftovers")),
     "summary": Stage("summary", lambda i, o: [i.data], (minigrid_dataset, "summary")),
-    "train_jepa_cnn": Stage("train_jepa", lambda i, o: ["--data", i.data, "--out-dir", o / "run", *TRAIN], (wm_common, "fit")),
+    "train_jepa_cnn": Stage("train_jepa", lambda i, o: ["--data", i.data, "--out-dir", o / "run", *TRAIN], (training, "fit")),
     "train_jepa_vit": Stage(
         "train_jepa",
         lambda i, o: ["--arch", "vit", "--data", i.data, "--out-dir", o / "run", *VIT, "--jepa-predictor-hidden-dim", "32"],
-        (wm_common, "fit"),
+        (training, "fit"),
     ),
     "train_encdec": Stage(
-        "train_encdec", lambda i, o: ["--data", i.data, "--out-dir", o / "run", *VIT, "--decoder-dim", "16"], (wm_common, "fit")
+        "train_encdec", lambda i, o: ["--data", i.data, "--out-dir", o / "run", *VIT, "--decoder-dim", "16"], (training, "fit")
     ),
     "inspect": Stage(
         "inspect",
