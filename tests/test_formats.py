@@ -193,11 +193,13 @@ def test_missing_minari_is_one_line_naming_the_install(monkeypatch):
         dataset_formats.require_minari()
 
 
-def test_tensorboard_holds_the_metrics_csv_values(tiny_npz, tmp_path):
+def test_tensorboard_holds_the_metrics_csv_values_and_resume_drops_redone_steps(tiny_npz, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    ok(run("train_jepa.py", "--data", tiny_npz, "--steps", "8", "--batch-size", "16", "--log-every", "2", "--out-dir", out))
+    args = ("--data", tiny_npz, "--batch-size", "16", "--log-every", "2", "--out-dir", out)
+    ok(run("train_jepa.py", *args, "--epochs", "1"))
+    ok(run("train_jepa.py", *args, "--epochs", "2", "--resume"))
     board = EventAccumulator(str(out))
     board.Reload()
     with open(out / "metrics.csv") as f:
@@ -211,30 +213,5 @@ def test_tensorboard_holds_the_metrics_csv_values(tiny_npz, tmp_path):
             assert events[int(row["step"])] == pytest.approx(float(value), rel=1e-5, abs=1e-7), (row["phase"], key)
             checked += 1
     assert checked >= 20 and {"train/loss", "val/loss", "val/effective_rank"} <= set(board.Tags()["scalars"])
-
-
-def test_tensorboard_resume_drops_the_steps_it_redoes(tiny_npz, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "run"
-    ok(run("train_jepa.py", "--data", tiny_npz, "--epochs", "1", "--batch-size", "16", "--log-every", "2", "--out-dir", out))
-    ok(run("train_jepa.py", "--data", tiny_npz, "--epochs", "2", "--batch-size", "16", "--log-every", "2", "--out-dir", out, "--resume"))
-    board = EventAccumulator(str(out))
-    board.Reload()
-    steps = [e.step for e in board.Scalars("train/loss")]
-    with open(out / "metrics.csv") as f:
-        csv_steps = [int(r["step"]) for r in csv.DictReader(f) if r["phase"] == "train"]
-    assert steps == csv_steps
-
-
-def test_encdec_predictions_are_a_tensorboard_image(tiny_npz, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "encdec"
-    ok(run("train_encdec.py", "--data", tiny_npz, "--steps", "2", "--batch-size", "8", "--image-size", "32", "--num-examples", "2",
-           "--out-dir", out))  # fmt: skip
-    board = EventAccumulator(str(out))
-    board.Reload()
-    assert "predictions" in board.Tags()["images"]
-    image = board.Images("predictions")[-1]
-    assert image.width > 100 and image.height > 100 and image.encoded_image_string.startswith(b"\x89PNG")
+    # the resumed run logged each step once: TensorBoard dropped what the first run wrote past its checkpoint
+    assert [e.step for e in board.Scalars("train/loss")] == [int(r["step"]) for r in rows if r["phase"] == "train"]

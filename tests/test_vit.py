@@ -180,6 +180,13 @@ def test_vit_trainers_end_to_end(tmp_path, vit_data, tiny_config, script):
         assert mc["vicreg_sim_coeff"] == 25.0 and mc["arrangement"] == "seed"
     else:
         assert mc["decoder_dim"] == 32 and "WARNING" not in proc.stdout
+        # the predictions figure also goes to TensorBoard, beside the run's scalars
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        board = EventAccumulator(str(out))
+        board.Reload()
+        image = board.Images("predictions")[-1]
+        assert image.width > 100 and image.height > 100 and image.encoded_image_string.startswith(b"\x89PNG")
 
 
 def test_vit_frame_mismatch_is_one_line_error(tmp_path, vit_data, tiny_config):
