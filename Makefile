@@ -80,10 +80,10 @@ ablation: setup
 	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme docs/training.md
 
 test: setup-dev
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 test-all: setup-dev
-	$(BIN)/python -m pytest -q -n auto -m ""
+	$(BIN)/python -m pytest -q -n auto --dist loadscope -m ""
 
 lint: setup-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
