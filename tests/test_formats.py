@@ -130,6 +130,24 @@ def test_datacollector_cartpole_rendered_frames(minari_root, tmp_path):
     )
 
 
+def test_datacollector_continuous_actions_map_to_float_vectors(minari_root):
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1", render_mode="rgb_array", max_episode_steps=4)
+    env = minari.DataCollector(gym.wrappers.AddRenderObservation(env, render_only=True), jpeg_encoding=False)
+    env.reset(seed=0)
+    taken = []
+    for _ in range(4):
+        taken.append(env.action_space.sample())
+        env.step(taken[-1])
+    env.create_dataset(dataset_id="pendulum/pixels-v0", algorithm_name="random")
+    arrays, meta, _ = load_arrays("pendulum/pixels-v0")
+    assert arrays["action"].dtype == np.float32 and arrays["action"].shape == (4, 1)
+    np.testing.assert_allclose(arrays["action"], np.stack(taken))
+    assert meta["action_space"]["type"] == "box" and meta["action_space"]["shape"] == [1]
+    assert arrays["obs"].shape[1:] == (500, 500, 3) and arrays["done"].tolist() == [False, False, False, True]
+
+
 def test_vector_observations_are_one_clear_error(minari_root):
     import gymnasium as gym
 
