@@ -794,7 +794,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def main(cfg: InspectConfig) -> dict[str, Any]:
+def check_inspect_flags(cfg: InspectConfig) -> None:
     if not cfg.checkpoint:
         fail("give at least one --checkpoint (a run directory such as checkpoints/jepa_cnn, or its model.pt)")
     if any(h < 1 for h in cfg.probe_horizons):
@@ -804,65 +804,57 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
     if cfg.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {cfg.batch_size}")
     check_seed(cfg.seed)
-    ckpts = {}
-    for path in cfg.checkpoint:
+
+
+def load_checkpoints(paths: list[str]) -> dict[str, dict]:
+    """Each checkpoint under its run directory's name (primed when two share one)."""
+    ckpts: dict[str, dict] = {}
+    for path in paths:
         ckpt = load_checkpoint(path)
         name = Path(path).name if Path(path).is_dir() else Path(path).parent.name
         while name in ckpts:
             name += "'"
         ckpts[name] = ckpt
-    first = next(iter(ckpts.values()))
-    data_path = cfg.data or first["data_meta"].get("path", "")
-    if not data_path:
-        fail("the checkpoint does not record its data; pass --data")
-    data = MiniGridTransitions(data_path)
-    longest = int(np.unique(data.episode, return_counts=True)[1].max())
-    if max(cfg.probe_horizons, default=0) >= longest:  # no state lies that far ahead in any episode: every probe NaN
-        fail(
-            f"--probe-horizons {max(cfg.probe_horizons)} is not shorter than the longest episode ({longest} transitions); use at most {longest - 1}"
-        )
-    device = choose_device(cfg.device)
-    out = check_writable_dir(cfg.out_dir, "--out-dir")
-    reports, figures = {}, {}
-    for name, ckpt in ckpts.items():
-        trained_on = ckpt["data_meta"].get("path", "")
-        same = trained_on and Path(trained_on).resolve() == Path(data_path).resolve()
-        print(f"Inspecting {name} ({ckpt['arch']}, step {ckpt['step']}) on {data_path}")
-        reports[name], figures[name] = inspect_model(name, ckpt, data, bool(same), cfg, device)
-        r = reports[name]
-        print(f"  latent size {r['latent_dim']} | z_pred vs z_target: MSE {r['pred_loss']:.2e}, cosine {r['pred_cosine']:.4f}")
-        if r.get("agent_cell_prediction"):
-            ac = r["agent_cell_prediction"]
-            print(
-                f"  predicted frames that draw the agent on its cell at t+1 (red pixels, IoU >= 0.5): {_fmt(ac['acc'])} of "
-                f"{ac['num_transitions']} held-out transitions (mean IoU {_fmt(ac['mean_iou'])}; copying s_t: {_fmt(ac['copy_baseline_acc'])})"
-            )
-        c = r["first_conv"]
-        print(f"  first conv {c['shape']}: mean {c['mean']:+.4f} std {c['std']:.4f} min {c['min']:+.3f} max {c['max']:+.3f}")
+    return ckpts
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """One model's numbers, as the run goes."""
+    print(f"  latent size {r['latent_dim']} | z_pred vs z_target: MSE {r['pred_loss']:.2e}, cosine {r['pred_cosine']:.4f}")
+    if r.get("agent_cell_prediction"):
+        ac = r["agent_cell_prediction"]
         print(
-            f"  latents: per-dim std {r['embedding_std']:.4f} (uniform {r['embedding_std_uniform']:.4f}), RankMe {r['effective_rank']:.1f}"
+            f"  predicted frames that draw the agent on its cell at t+1 (red pixels, IoU >= 0.5): {_fmt(ac['acc'])} of "
+            f"{ac['num_transitions']} held-out transitions (mean IoU {_fmt(ac['mean_iou'])}; copying s_t: {_fmt(ac['copy_baseline_acc'])})"
         )
-        if r.get("probe"):
-            b = r["baselines"]
-            for k, acc in r["probe"].items():
-                flag = "  (saturated)" if r["probe_saturated"][k] else ""
-                print(
-                    f"  probe {k.removesuffix('_acc'):10s} {acc:.2f} | random encoder {b['random_encoder'][k]:.2f}, pixels "
-                    f"{b['pixels'][k]:.2f}, majority {b['majority_class'][k]:.2f}, shuffled labels {b['shuffled_labels'][k]:.2f}{flag}"
-                )
-        if r.get("probe_predicted"):
-            pp = r["probe_predicted"]
-            for k in (k for k in pp if k.endswith("_acc")):
-                row = ", ".join(
-                    f"@{h} {_fmt(a)} ({_fmt(c)})" for h, a, c in zip(pp["horizons"], pp[k], pp["from_current_latent"][k], strict=True)
-                )
-                print(f"  predicted {k.removesuffix('_acc'):9s} {row}   (in brackets: the latent of obs_t)")
-        if r["collapse_warning"]:
-            if r["arch"] == "encdec_vit":
-                # its loss is in pixels, so a narrow latent does not fake a good score; still worth knowing for probes
-                print("  WARNING: collapsed latents: the encoder's pooled latents barely vary (the pixel loss is unaffected)")
-            else:
-                print("  WARNING: collapsed latents: the low prediction loss is meaningless (train with --reg vicreg)")
+    c = r["first_conv"]
+    print(f"  first conv {c['shape']}: mean {c['mean']:+.4f} std {c['std']:.4f} min {c['min']:+.3f} max {c['max']:+.3f}")
+    print(f"  latents: per-dim std {r['embedding_std']:.4f} (uniform {r['embedding_std_uniform']:.4f}), RankMe {r['effective_rank']:.1f}")
+    if r.get("probe"):
+        b = r["baselines"]
+        for k, acc in r["probe"].items():
+            flag = "  (saturated)" if r["probe_saturated"][k] else ""
+            print(
+                f"  probe {k.removesuffix('_acc'):10s} {acc:.2f} | random encoder {b['random_encoder'][k]:.2f}, pixels "
+                f"{b['pixels'][k]:.2f}, majority {b['majority_class'][k]:.2f}, shuffled labels {b['shuffled_labels'][k]:.2f}{flag}"
+            )
+    if r.get("probe_predicted"):
+        pp = r["probe_predicted"]
+        for k in (k for k in pp if k.endswith("_acc")):
+            row = ", ".join(
+                f"@{h} {_fmt(a)} ({_fmt(c)})" for h, a, c in zip(pp["horizons"], pp[k], pp["from_current_latent"][k], strict=True)
+            )
+            print(f"  predicted {k.removesuffix('_acc'):9s} {row}   (in brackets: the latent of obs_t)")
+    if r["collapse_warning"]:
+        if r["arch"] == "encdec_vit":
+            # its loss is in pixels, so a narrow latent does not fake a good score; still worth knowing for probes
+            print("  WARNING: collapsed latents: the encoder's pooled latents barely vary (the pixel loss is unaffected)")
+        else:
+            print("  WARNING: collapsed latents: the low prediction loss is meaningless (train with --reg vicreg)")
+
+
+def write_outputs(out: Path, data_path: str, data: MiniGridTransitions, reports: dict, figures: dict) -> dict[str, Any]:
+    """eval.json, inspection.png and (for several models) compare.md; the table is printed."""
     result = {
         "data": {
             "path": str(data_path),
@@ -885,6 +877,30 @@ def main(cfg: InspectConfig) -> dict[str, Any]:
         written.append(out / "compare.md")
     print("Saved " + ", ".join(map(str, written)))
     return result
+
+
+def main(cfg: InspectConfig) -> dict[str, Any]:
+    check_inspect_flags(cfg)
+    ckpts = load_checkpoints(cfg.checkpoint)
+    data_path = cfg.data or next(iter(ckpts.values()))["data_meta"].get("path", "")
+    if not data_path:
+        fail("the checkpoint does not record its data; pass --data")
+    data = MiniGridTransitions(data_path)
+    longest = int(np.unique(data.episode, return_counts=True)[1].max())
+    if max(cfg.probe_horizons, default=0) >= longest:  # no state lies that far ahead in any episode: every probe NaN
+        fail(
+            f"--probe-horizons {max(cfg.probe_horizons)} is not shorter than the longest episode ({longest} transitions); use at most {longest - 1}"
+        )
+    device = choose_device(cfg.device)
+    out = check_writable_dir(cfg.out_dir, "--out-dir")
+    reports, figures = {}, {}
+    for name, ckpt in ckpts.items():
+        trained_on = ckpt["data_meta"].get("path", "")
+        same = trained_on and Path(trained_on).resolve() == Path(data_path).resolve()
+        print(f"Inspecting {name} ({ckpt['arch']}, step {ckpt['step']}) on {data_path}")
+        reports[name], figures[name] = inspect_model(name, ckpt, data, bool(same), cfg, device)
+        print_report(reports[name])
+    return write_outputs(out, data_path, data, reports, figures)
 
 
 if __name__ == "__main__":
