@@ -109,25 +109,26 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
     minari = require_minari()
     try:
         dataset = minari.MinariDataset(data)
-        episodes = list(dataset.iterate_episodes())
+        ids = list(dataset.episode_indices)
+        # episode lengths from minari's metadata, so the arrays are allocated before any frame is read
+        lengths = np.array([int(m["total_steps"]) for m in dataset.storage.get_episode_metadata(ids)], np.int64)
     except Exception as e:  # h5py, arrow and JSON errors of a damaged dataset have many types
         fail(f"{path}: the Minari dataset cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:80]}); re-create it")
-    if not episodes:
+    if not ids:
         fail(f"{path}: the Minari dataset holds no episodes")
     space = _action_space(dataset.action_space, str(path))
-    firsts = [_frames(e.observations, str(path)) for e in episodes[:1]]
-    frame_shape, lengths = firsts[0].shape[1:], np.array([len(e.rewards) for e in episodes])
-    n = int(lengths.sum())
+    first = next(dataset.iterate_episodes(ids[:1]))
+    frame_shape, n = _frames(first.observations, str(path)).shape[1:], int(lengths.sum())
     arrays: dict[str, Any] = {
         "obs": np.empty((n, *frame_shape), np.uint8),
-        "terminal_obs": np.empty((len(episodes), *frame_shape), np.uint8),
+        "terminal_obs": np.empty((len(ids), *frame_shape), np.uint8),
     }
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("action", "reward", "terminated", *LABEL_KEYS)}
     start = 0
-    for i, e in enumerate(episodes):
+    for i, e in enumerate(dataset.iterate_episodes(ids)):  # one episode in memory at a time
         frames = _frames(e.observations, str(path))
-        t = len(e.rewards)
-        if frames.shape[1:] != frame_shape or len(frames) != t + 1:
+        t = int(lengths[i])
+        if frames.shape[1:] != frame_shape or len(frames) != t + 1 or len(e.rewards) != t:
             fail(
                 f"{path}: episode {i} has {len(frames)} frames of {list(frames.shape[1:])}; every episode needs T+1 frames of {list(frame_shape)}"
             )
@@ -148,7 +149,7 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
     arrays["terminated"] = np.concatenate(columns["terminated"])
     arrays["done"] = np.zeros(n, bool)
     arrays["done"][np.cumsum(lengths) - 1] = True
-    arrays.update({k: np.concatenate(v).astype(np.int64) for k in LABEL_KEYS if len(v := columns[k]) == len(episodes)})
+    arrays.update({k: np.concatenate(v).astype(np.int64) for k in LABEL_KEYS if len(v := columns[k]) == len(ids)})
     arrays["meta"] = np.array(json.dumps(_meta(data, dataset, space, frame_shape)))
     return arrays
 
