@@ -192,6 +192,7 @@ def parse_config(
             kw["metavar"] = meta.get("metavar", f.name.upper())
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
+                kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"  # --help lists every choice
         if default is not None and default != "":
             kw["help"] += f" (default: {default})"
         parser.add_argument(flag, **kw)

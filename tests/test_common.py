@@ -467,3 +467,27 @@ def test_to_jsonable_config_is_plain():
 
     d = to_jsonable(TrainConfig())
     assert d == dataclasses.asdict(TrainConfig())
+
+
+@pytest.mark.parametrize(
+    "module, cls",
+    [
+        ("collect_minigrid_data", "CollectConfig"),
+        ("train_jepa", "TrainConfig"),
+        ("train_encdec", "EncDecTrainConfig"),
+        ("inspect_jepa_model", "InspectConfig"),
+        ("plan_with_world_model", "PlanConfig"),
+    ],
+)
+def test_help_lists_every_choice(module, cls, capsys):
+    import importlib
+
+    cfg_cls = getattr(importlib.import_module(module), cls)
+    with pytest.raises(SystemExit, match="^0$"):
+        parse_config(cfg_cls, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    fields = [f for f in dataclasses.fields(cfg_cls) if "choices" in f.metadata]
+    assert fields
+    for f in fields:
+        shown = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+        assert f"--{f.name.replace('_', '-')} {shown}" in text, (f.name, shown)
