@@ -114,7 +114,8 @@ class CollectConfig:
         default="", metadata={"help": "YAML file (e.g. config.yaml): its data-collection keys set these flags; flags override it"}
     )
     actions: str = field(
-        default="all", metadata={"help": "all: a random policy over every action; nav: only left, right and forward", "choices": ["all", "nav"]}
+        default="all",
+        metadata={"help": "all: a random policy over every action; nav: only left, right and forward", "choices": ["all", "nav"]},
     )
     fixed_layout: bool = field(
         default=False, metadata={"help": "reset every episode with --seed: one layout (vary starts with --start random)"}

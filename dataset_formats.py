@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from envs import image_space, is_minigrid, make_env, make_pixel_env, to_frames
 from wm_common import fail
 
 INSTALL_HINT = "run `make setup-extras` (or: pip install 'minari[hdf5]')"
@@ -70,7 +71,8 @@ def dataset_dir(path: str | Path) -> Path | None:
 
 def _frames(obs: Any, where: str) -> np.ndarray:
     """An episode's observations [T+1,...] as uint8 frames [T+1,H,W,C]: image observations as
-    they are; of a dict observation (MiniGrid's own) its 'image' entry."""
+    they are; of a dict observation (MiniGrid's own) its 'image' entry. (Other observations are
+    rendered by `_Replay`.)"""
     if isinstance(obs, dict):
         if "image" not in obs:
             fail(
@@ -86,6 +88,50 @@ def _frames(obs: Any, where: str) -> np.ndarray:
             "pixel observations (e.g. gymnasium.wrappers.AddRenderObservation, or collect_minigrid_data.py --format minari)"
         )
     return obs
+
+
+RENDER_SIZE = 64  # the collector's default --image-size
+
+
+class _Replay:
+    """Frames for a dataset whose observations are not pictures (CartPole's state vector, ...),
+    rendered as the collector renders them: the env recovered by id, each episode reset with its
+    recorded seed and stepped with its recorded actions. A replay whose rewards or terminations
+    differ from the recorded ones is refused: the frames would not be the dataset's."""
+
+    def __init__(self, env_id: str, where: str):
+        self.where = where
+        if is_minigrid(env_id):
+            self.env, _ = make_env(env_id, "rgb", RENDER_SIZE)
+            self.picture = lambda obs: obs
+        else:
+            self.env, source = make_pixel_env(env_id)
+            self.picture = (lambda obs: self.env.render()) if source == "render" else (lambda obs: obs)
+
+    def frames(self, episode: Any, seed: int | None, index: int) -> np.ndarray:
+        if seed is None:
+            fail(
+                f"{self.where}: episode {index} has no recorded reset seed, so its frames cannot be rendered; record image observations instead"
+            )
+        obs, _ = self.env.reset(seed=int(seed))
+        pictures = [self.picture(obs)]
+        for t, a in enumerate(np.asarray(episode.actions)):
+            obs, reward, terminated, _, _ = self.env.step(int(a) if a.ndim == 0 else a)
+            if not np.isclose(reward, episode.rewards[t]) or bool(terminated) != bool(episode.terminations[t]):
+                fail(
+                    f"{self.where}: replaying episode {index} from its seed gives other rewards or ends at step {t}; the env is not the one recorded"
+                )
+            pictures.append(self.picture(obs))
+        return to_frames(np.stack(pictures), 3, RENDER_SIZE)
+
+
+def _pictures(space: Any) -> bool:
+    """Whether the observations are pictures (or a dict holding an 'image')."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Dict):
+        return "image" in space.spaces
+    return image_space(space)
 
 
 def _action_space(space: Any, where: str) -> dict[str, Any]:
@@ -111,14 +157,25 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
         dataset = minari.MinariDataset(data)
         ids = list(dataset.episode_indices)
         # episode lengths from minari's metadata, so the arrays are allocated before any frame is read
-        lengths = np.array([int(m["total_steps"]) for m in dataset.storage.get_episode_metadata(ids)], np.int64)
+        episode_meta = list(dataset.storage.get_episode_metadata(ids))
+        lengths = np.array([int(m["total_steps"]) for m in episode_meta], np.int64)
     except Exception as e:  # h5py, arrow and JSON errors of a damaged dataset have many types
         fail(f"{path}: the Minari dataset cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:80]}); re-create it")
     if not ids:
         fail(f"{path}: the Minari dataset holds no episodes")
     space = _action_space(dataset.action_space, str(path))
+    replay = None
+    if not _pictures(dataset.observation_space):
+        spec = dataset.spec.env_spec
+        if spec is None:
+            fail(f"{path}: observations are not images and the dataset records no env to render them with; record image observations")
+        replay = _Replay(spec.id, str(path))
     first = next(dataset.iterate_episodes(ids[:1]))
-    frame_shape, n = _frames(first.observations, str(path)).shape[1:], int(lengths.sum())
+    if replay is not None:
+        frame_shape = (RENDER_SIZE, RENDER_SIZE, 3)
+    else:
+        frame_shape = _frames(first.observations, str(path)).shape[1:]
+    n = int(lengths.sum())
     arrays: dict[str, Any] = {
         "obs": np.empty((n, *frame_shape), np.uint8),
         "terminal_obs": np.empty((len(ids), *frame_shape), np.uint8),
@@ -126,7 +183,7 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("action", "reward", "terminated", *LABEL_KEYS)}
     start = 0
     for i, e in enumerate(dataset.iterate_episodes(ids)):  # one episode in memory at a time
-        frames = _frames(e.observations, str(path))
+        frames = replay.frames(e, episode_meta[i].get("seed"), i) if replay else _frames(e.observations, str(path))
         t = int(lengths[i])
         if frames.shape[1:] != frame_shape or len(frames) != t + 1 or len(e.rewards) != t:
             fail(
@@ -150,7 +207,10 @@ def read(path: str | Path) -> dict[str, np.ndarray]:
     arrays["done"] = np.zeros(n, bool)
     arrays["done"][np.cumsum(lengths) - 1] = True
     arrays.update({k: np.concatenate(v).astype(np.int64) for k in LABEL_KEYS if len(v := columns[k]) == len(ids)})
-    arrays["meta"] = np.array(json.dumps(_meta(data, dataset, space, frame_shape)))
+    meta = _meta(data, dataset, space, frame_shape)
+    if replay is not None:
+        meta.update(obs_mode="rgb, rendered by replaying the recorded seeds and actions", image_size=RENDER_SIZE)
+    arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
 

@@ -148,15 +148,39 @@ def test_datacollector_continuous_actions_map_to_float_vectors(minari_root):
     assert arrays["obs"].shape[1:] == (500, 500, 3) and arrays["done"].tolist() == [False, False, False, True]
 
 
-def test_vector_observations_are_one_clear_error(minari_root):
+def test_vector_observations_are_rendered_by_replay_as_our_collector_renders(minari_root, tmp_path):
+    """CartPole's observations are state vectors: the reader recovers the env, replays each episode
+    from its recorded seed and actions, and renders the frames our collector stores for the same
+    seeds and actions."""
     import gymnasium as gym
 
-    env = minari.DataCollector(gym.make("CartPole-v1", max_episode_steps=5))
-    env.reset(seed=0)
-    for _ in range(5):
-        env.step(0)
+    ours = tmp_path / "cartpole.npz"
+    collect_main(CollectConfig(env="CartPole-v1", episodes=2, max_steps=8, seed=0, out=str(ours)))
+    mine, _, _ = load_arrays(ours)
+    env = minari.DataCollector(gym.make("CartPole-v1", max_episode_steps=8))
+    for e in np.unique(mine["episode"]):
+        env.reset(seed=int(e))
+        for a in mine["action"][mine["episode"] == e]:
+            env.step(int(a))
     env.create_dataset(dataset_id="cartpole/vectors-v0", algorithm_name="random")
-    assert_one_line_error(run("minigrid_dataset.py", "cartpole/vectors-v0"), "not uint8 images", "AddRenderObservation")
+    theirs, meta, _ = load_arrays("cartpole/vectors-v0")
+    assert theirs["obs"].shape == mine["obs"].shape == (len(mine["action"]), 64, 64, 3)
+    for key in SAME:
+        np.testing.assert_array_equal(theirs[key], mine[key], err_msg=key)
+    assert meta["obs_mode"].startswith("rgb, rendered by replaying")
+
+
+def test_a_replay_that_is_not_the_recorded_episode_is_refused():
+    from types import SimpleNamespace
+
+    replay = dataset_formats._Replay("CartPole-v1", "d")
+    episode = SimpleNamespace(actions=np.zeros(3, np.int64), rewards=np.array([1.0, 1.0, 1.0]), terminations=np.zeros(3, bool))
+    assert replay.frames(episode, 0, 0).shape == (4, 64, 64, 3)
+    episode.rewards = np.array([1.0, 1.0, 5.0])
+    with pytest.raises(UserError, match="replaying episode 0 from its seed gives other rewards or ends at step 2"):
+        replay.frames(episode, 0, 0)
+    with pytest.raises(UserError, match="episode 3 has no recorded reset seed"):
+        replay.frames(episode, None, 3)
 
 
 def test_export_to_minari_loads_back_equal(ours, minari_root):
