@@ -1,9 +1,10 @@
 """The transitions layout's episodes, and Minari datasets in and out (the Farama Foundation's
 format for offline Gymnasium data).
 
-Reading maps a Minari dataset of image observations onto this project's transitions (the
-layout `minigrid_dataset.load_arrays` validates), so every stage takes `--data <dataset id>`;
-writing turns a collection into a Minari dataset that `minari.load_dataset` opens. minari is an
+Reading maps a Minari dataset onto this project's transitions (the layout
+`minigrid_dataset.load_arrays` validates), so every stage takes `--data <dataset id>`: image
+observations as they are, other observations rendered by replaying the recorded episodes.
+Writing turns a collection into a Minari dataset that `minari.load_dataset` opens. minari is an
 optional extra (`make setup-extras`); nothing here imports it until a Minari dataset is used.
 """
 
