@@ -18,6 +18,8 @@
   vs the naive layout that stores obs and next_obs separately.
 """
 
+from __future__ import annotations
+
 import contextlib
 import csv
 import io
@@ -32,20 +34,24 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from collect_minigrid_data import MAX_EPISODE_BYTES, CollectConfig, assemble, run_episode
 from collect_minigrid_data import check_flags as check_collect_flags
 from collect_minigrid_data import main as collect_main
 from envs import make_env
 from minigrid_dataset import MiniGridTransitions, make_loaders
+from model_configs import EncDecConfig, JEPAConfig, ViTJEPAConfig
 from train_jepa import TrainConfig, cnn_config
-from training import FitSettings, fit
 from wm_common import check_writable_dir, choose_device, fail, run_cli, seed_everything, write_json
-from world_model_jepa import JEPAConfig, JEPAWorldModel
-from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, and the models and training loop that import it (a second of start-up), are imported by
+# the measurements that use them, so --help and a bad flag answer at once.
 
 ARCHS = ("jepa_cnn", "jepa_vit", "encdec_vit")
 # The measurements print nothing while they run: a budget with zeros too many would look like a
@@ -178,6 +184,8 @@ def bench_ddp(cfg: BenchConfig, data_path: Path, tmp: Path) -> dict:
 
 
 def _load_and_measure(path: str) -> dict:
+    import torch  # noqa: F401  (imported first: the memory torch takes is not the dataset's)
+
     before = rss_bytes()
     data = MiniGridTransitions(path)
     ram = rss_bytes() - before
@@ -203,6 +211,9 @@ def bench_data(path: Path) -> dict:
 
 def build(arch: str, data: MiniGridTransitions) -> torch.nn.Module:
     """Each architecture at its CPU default (the ViTs as in config.yaml)."""
+    from world_model_jepa import JEPAWorldModel
+    from world_model_vit import ViTEncoderDecoder, ViTJEPA
+
     if arch == "jepa_cnn":
         return JEPAWorldModel(config=JEPAConfig(obs_shape=list(data.frame_shape), num_actions=data.num_actions))
     vit = dict(image_size=data.frame_shape[0], patch_size=16, num_actions=data.num_actions)
@@ -210,6 +221,8 @@ def build(arch: str, data: MiniGridTransitions) -> torch.nn.Module:
 
 
 def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Path) -> dict:
+    from training import FitSettings, fit
+
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     model = build(arch, data).to(device)
@@ -247,6 +260,8 @@ def bench_train(cfg: BenchConfig, arch: str, data: MiniGridTransitions, tmp: Pat
 def seconds_per_step(model: torch.nn.Module, data: MiniGridTransitions, k: int, cfg: BenchConfig, device: torch.device) -> float:
     """Median wall time of one optimizer step (loss, backward, clip, AdamW, EMA) on a fixed batch
     of k-step windows already on the device."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = data.windows(torch.from_numpy(data.window_starts(k)[: cfg.batch_size]), k)
     frames, actions = batch["frames"].to(device), batch["actions"].to(device)
@@ -270,6 +285,8 @@ def seconds_per_step(model: torch.nn.Module, data: MiniGridTransitions, k: int, 
 
 def bench_unroll(cfg: BenchConfig, data: MiniGridTransitions) -> dict:
     """A K-step update against K one-step updates, the trainer's CNN JEPA objective."""
+    from world_model_jepa import JEPAWorldModel
+
     device = choose_device(cfg.device)
     times = {}
     for k in (1, cfg.unroll):
@@ -370,6 +387,8 @@ def summary_rows(result: dict) -> list[tuple[str, float, str]]:
 def main(cfg: BenchConfig) -> dict:
     check_flags(cfg)
     check_writable_dir(Path(cfg.out).resolve().parent, "--out directory")
+    import torch
+
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -9,18 +9,17 @@ goal cell against a random encoder and raw pixels, and open-loop rollouts agains
 last latent. Writes `eval.json`, `inspection.png` and, for several checkpoints, `compare.md`.
 """
 
+from __future__ import annotations
+
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from losses import collapse_warning, effective_rank, embedding_std
 from minigrid_dataset import OPTIONAL_PROBE_KEYS, PROBE_KEYS, MiniGridTransitions, split_episodes
 from models import model_from_checkpoint
 from wm_common import (
@@ -31,10 +30,17 @@ from wm_common import (
     choose_device,
     fail,
     load_checkpoint,
+    no_grad,
     run_cli,
     seed_everything,
     write_json,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (a second of start-up) is imported in the functions that use it, so --help and a bad flag
+# or path answer at once.
 
 PIXEL_ROLLOUT_STARTS = 512
 HORIZONS = list(range(1, 11))
@@ -62,8 +68,10 @@ class InspectConfig:
     )
 
 
-@torch.no_grad()
+@no_grad
 def in_batches(fn, *tensors: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    import torch
+
     outs = [fn(*(t[i : i + batch_size].to(device) for t in tensors)).cpu() for i in range(0, len(tensors[0]), batch_size)]
     return torch.cat(outs)
 
@@ -124,6 +132,8 @@ def saturation(baselines: dict[str, dict[str, float]]) -> dict[str, bool]:
 
 def pixels(obs: torch.Tensor, size: int = 16) -> np.ndarray:
     """Raw-pixel baseline features: frames area-downsampled to size x size."""
+    import torch.nn.functional as F
+
     x = obs.permute(0, 3, 1, 2).float() / 255
     if min(x.shape[-2:]) > size:
         x = F.interpolate(x, size=(size, size), mode="area")
@@ -146,13 +156,15 @@ def first_layer(model: torch.nn.Module) -> torch.Tensor:
     return w.view(-1, p, p, c).permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
+@no_grad
 def pixel_rollout_errors(
     model, obs: torch.Tensor, actions: torch.Tensor, next_obs: torch.Tensor, episode: np.ndarray, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
     """The encoder-decoder's open-loop rollouts in pixels: each predicted frame is fed back.
     Pixel MSE at horizon h, divided by the MSE of the mean frame (1 = chance),
     next to copying the last true frame."""
+    import torch
+
     scale = model.config.pixel_scale
     n = len(obs)
     truth = next_obs.permute(0, 3, 1, 2).float() / scale  # [n,C,H,W]; row i is frame t+1 of start i
@@ -197,6 +209,8 @@ def agent_pixels(frames: torch.Tensor) -> torch.Tensor:
     goals), frames [..,3,H,W] in [0,1] -> bool [..,H,W]. Contrast, not absolute levels: the
     agent on a highlighted cell is (1, .3, .3), and a predicted triangle of the right shape whose
     green and blue sit a little above the true ones is still the agent drawn there."""
+    import torch
+
     r, g, b = frames.unbind(-3)
     return (r > 0.5) & (r - torch.maximum(g, b) > 0.4)
 
@@ -232,6 +246,8 @@ def open_loop(starts: np.ndarray, state: torch.Tensor, step, score, episode: np.
     """Rolls `state` (one row per start) forward for each horizon in HORIZONS, feeding every
     prediction back: step(state, j) advances it with the logged transitions j, score(state,
     starts, j) -> (error, copy-baseline error). Starts whose episode ends first drop out."""
+    import torch
+
     errors, copies, counts = [], [], []
     for h in HORIZONS:
         keep = same_episode(starts, h, episode)
@@ -260,10 +276,12 @@ def same_episode(starts: np.ndarray, h: int, episode: np.ndarray) -> np.ndarray:
 
 def unit_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared distance between the L2-normalised rows of a and b."""
+    import torch.nn.functional as F
+
     return (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
 
 
-@torch.no_grad()
+@no_grad
 def rollout_errors(
     model,
     z0: torch.Tensor,
@@ -278,6 +296,9 @@ def rollout_errors(
     whole episodes (row i+1 follows row i inside an episode). Errors are squared distances
     between unit latents divided by that of the best constant guess (the targets' mean
     direction): 1 is chance, and all-identical targets give NaN (undefined), never 0. Copy baseline: encode_target(obs_t) for every h."""
+    import torch
+    import torch.nn.functional as F
+
     n = len(z0)
     # chance = the error of the best constant guess, the targets' mean direction. All targets
     # identical (full collapse) leaves nothing to predict: the error is undefined (NaN), not 0.
@@ -299,7 +320,7 @@ def rollout_errors(
     }
 
 
-@torch.no_grad()
+@no_grad
 def predicted_features(
     model, pixel_model: bool, data: MiniGridTransitions, idx: np.ndarray, horizons: list[int], batch_size: int, device: torch.device
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -307,6 +328,8 @@ def predicted_features(
     logged actions. For each h in horizons: (features of the h-step prediction, rows whose obs
     is the state it predicts), only for starts whose episode lasts past t+h. A JEPA's feature is
     its predicted latent; the encoder-decoder's is the encoding of its predicted frame."""
+    import torch
+
     n, episode = len(data), data.episode
     actions = data.fields["action"]
     if pixel_model:
@@ -366,10 +389,12 @@ def predicted_probes(
     return res
 
 
-@torch.no_grad()
+@no_grad
 def frame_strip(model, data: MiniGridTransitions, test_idx: np.ndarray, device: torch.device) -> dict[str, np.ndarray] | None:
     """The encoder-decoder's open-loop rollout from the first held-out start with STRIP_STEPS
     steps left in its episode: true frames t+1..t+k over the predicted ones, uint8 [k,H,W,C]."""
+    import torch
+
     episode = data.episode
     for i in test_idx:
         last = i + STRIP_STEPS - 1
@@ -395,11 +420,15 @@ def subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(idx, size=k, replace=False)) if len(idx) > k else idx
 
 
-@torch.no_grad()
+@no_grad
 def inspect_model(
     name: str, ckpt: dict, data: MiniGridTransitions, same_data: bool, cfg: InspectConfig, device: torch.device
 ) -> tuple[dict, dict]:
     """Returns (report for eval.json, arrays for the figure)."""
+    import torch
+
+    from losses import collapse_warning, effective_rank, embedding_std
+
     model = model_from_checkpoint(ckpt).to(device)
     obs_shape = frame_shape_of(ckpt["model_config"])
     if list(data.frame_shape) != obs_shape:
@@ -450,6 +479,9 @@ def inspect_model(
 def latent_scores(model, data: MiniGridTransitions, test_idx: np.ndarray, z_te: torch.Tensor, bs: int, device) -> tuple[dict, torch.Tensor]:
     """A JEPA's one-step prediction (normalised MSE of unit latents) and its open-loop rollouts;
     returns them and the per-transition cosines."""
+    import torch
+    import torch.nn.functional as F
+
     te = torch.from_numpy(test_idx)
     act_te, next_te = data.fields["action"][te], data.next_obs(te)
     z_pred = in_batches(lambda z, a: model.predict(z, a), z_te, act_te, batch_size=bs, device=device)
@@ -465,6 +497,9 @@ def latent_scores(model, data: MiniGridTransitions, test_idx: np.ndarray, z_te: 
 def pixel_scores(model, data: MiniGridTransitions, test_idx: np.ndarray, z_te: torch.Tensor, bs: int, device) -> tuple[dict, torch.Tensor]:
     """The reconstruction baseline predicts frames: its scores are in pixels, plus whether its
     predicted frame draws the agent on its next cell (full-grid RGB MiniGrid views)."""
+    import torch
+    import torch.nn.functional as F
+
     te = torch.from_numpy(test_idx)
     obs_te, act_te, next_te = data.obs[te], data.fields["action"][te], data.next_obs(te)
     pred = in_batches(model.predict_frame, obs_te, act_te, batch_size=bs, device=device)
@@ -489,6 +524,8 @@ def probe_report(model, pixel_model: bool, data, train_idx, test_idx, z_te: torc
     """Linear probes of the latents against their baselines (random encoder, pixels, majority
     class, shuffled labels), the saturation flags, and the probes of predictions; or a note why
     there are none."""
+    import torch
+
     keys = probe_keys(data)
     if not keys:
         return {

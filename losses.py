@@ -1,13 +1,17 @@
 """The world models' shared neural pieces: action embeddings, inverse dynamics, the JEPA and
-VICReg losses, EMA updates, latent rollouts, and the collapse diagnostics (latent std, RankMe)."""
+VICReg losses (with the batch gathered across processes), EMA updates, latent rollouts, and the
+collapse diagnostics (latent std, RankMe)."""
 
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from wm_common import rank, world_size
 
 # ----------------------------------------------------------------------------- losses
 
@@ -41,6 +45,34 @@ def vicreg_cov_loss(z: torch.Tensor) -> torch.Tensor:
     z = z - z.mean(dim=0)
     cov = (z.T @ z) / (n - 1)
     return off_diagonal(cov).pow(2).sum() / d
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own share, summed over the
+    ranks (every rank computes the same global-batch loss; DDP's gradient averaging then gives
+    exactly the one-process gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(z) for _ in range(world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather_batch(z: torch.Tensor) -> torch.Tensor:
+    """z of this rank's share of the batch [b,D] -> z of the global batch [b*N,D], with gradients
+    flowing back to every rank's share. VICReg's variance and covariance are statistics of the
+    whole batch, so under DDP they must see all of it for N processes to train exactly like one.
+    A no-op in one process and under no_grad (evaluation runs the full val set on every rank)."""
+    if world_size() == 1 or not torch.is_grad_enabled():
+        return z
+    return _AllGather.apply(z)
 
 
 @torch.no_grad()

@@ -7,21 +7,30 @@ Frames stay uint8 in memory (a float copy of a MiniGrid dataset would be 4x larg
 are uint8 [B,H,W,C] and the model converts them to float on its device. Files from seed 003's
 original collector (`actions`, `rewards`, `dones`, separate `next_obs`, no episode ids) load too:
 episodes are recovered from `done`.
+
+The stage scripts import this module before they parse their flags, so it does not import torch
+(a second of start-up) until data is loaded; for the same reason the datasets are plain classes
+with `__len__` and `__getitems__`, all a DataLoader asks of a map-style dataset, not subclasses of
+torch's `Dataset`.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 import dataset_formats
 from wm_common import cpu_cores, fail, odd_path, run_cli
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
 
 LEGACY_NAMES = {"actions": "action", "rewards": "reward", "dones": "done"}
 PROBE_KEYS = ("agent_pos", "agent_dir", "goal_pos")
@@ -144,21 +153,28 @@ def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return arrays, meta, notes
 
 
-def _read(path: str | Path) -> dict[str, np.ndarray]:
-    """The raw arrays of a .npz, an array directory or a Minari dataset, legacy names renamed."""
+def check_data_path(path: str | Path) -> None:
+    """`path` names data to read: a file, a directory or a local Minari dataset (what is in it is
+    checked when it is read)."""
     p = Path(path)
     odd = odd_path(p)
     if odd:
         fail(f"data {path} is {odd}, not a file or directory written by collect_minigrid_data.py; fix --data")
-    if dataset_formats.dataset_dir(p) is not None:
-        arrays = dataset_formats.read(p)
-    elif p.is_dir():
-        arrays = load_array_dir(p)
-    elif not p.is_file():
+    if dataset_formats.dataset_dir(p) is None and not p.is_dir() and not p.is_file():
         fail(
             f"data file {path} not found (nor a local Minari dataset of that id under {dataset_formats.datasets_root()}); "
             "run collect_minigrid_data.py first or fix --data"
         )
+
+
+def _read(path: str | Path) -> dict[str, np.ndarray]:
+    """The raw arrays of a .npz, an array directory or a Minari dataset, legacy names renamed."""
+    p = Path(path)
+    check_data_path(path)
+    if dataset_formats.dataset_dir(p) is not None:
+        arrays = dataset_formats.read(p)
+    elif p.is_dir():
+        arrays = load_array_dir(p)
     else:
         arrays = load_npz(p)
     for old, new in LEGACY_NAMES.items():
@@ -330,6 +346,8 @@ class ShardedFrames:
     from each shard in turn, so nothing is concatenated in RAM."""
 
     def __init__(self, parts: list[np.ndarray]):
+        import torch
+
         self.parts = parts
         self.offsets = np.cumsum([0, *map(len, parts)])
         self.shape = torch.Size((int(self.offsets[-1]), *parts[0].shape[1:]))
@@ -343,6 +361,8 @@ class ShardedFrames:
         return sum(part.nbytes for part in self.parts)
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
+        import torch
+
         flat = np.asarray(idx, dtype=np.int64).reshape(-1)
         flat = np.where(flat < 0, flat + len(self), flat)
         shard = np.searchsorted(self.offsets, flat, side="right") - 1
@@ -406,7 +426,7 @@ def combine_shards(paths: list[Path], loaded: list[tuple[dict, dict, list]]) -> 
     return arrays, meta, notes
 
 
-class MiniGridTransitions(Dataset):
+class MiniGridTransitions:
     """Map-style dataset of transitions. Item i is a dict of tensors: `obs` and `next_obs`
     uint8 [H,W,C], `action`, `reward`, `done`, `episode`, and the probe labels when present.
     `__getitems__` gathers a whole batch with one indexing op per array (DataLoader uses it),
@@ -418,6 +438,8 @@ class MiniGridTransitions(Dataset):
             arrays, self.meta, self.notes = load_arrays(shards[0])
         else:
             arrays, self.meta, self.notes = combine_shards(shards, [load_arrays(s) for s in shards])
+        import torch
+
         self.path = str(path)
         self.memory_mapped = Path(path).is_dir()
         # torch.from_numpy shares memory with the arrays: no copy of the frames.
@@ -471,12 +493,16 @@ class MiniGridTransitions(Dataset):
     def windows(self, starts: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         """The k-step windows from rows `starts`: `frames` uint8 [B,k+1,H,W,C] (obs_t..obs_t+k) and
         `actions` [B,k] ([B,k,A] continuous). Rows must come from `window_starts(k)`."""
+        import torch
+
         rows = starts[:, None] + torch.arange(k)  # [B,k]
         nxt = self.next_obs(rows.flatten()).view(len(starts), k, *self.frame_shape)  # obs_t+1..obs_t+k
         frames = torch.cat([self.obs[starts][:, None], nxt], dim=1)  # [B,k+1,H,W,C]
         return {"frames": frames, "actions": self.fields["action"][rows]}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch
+
         idx = torch.as_tensor(indices, dtype=torch.int64)
         batch = {k: v[idx] for k, v in self.fields.items()}
         batch["obs"] = self.obs[idx]
@@ -501,17 +527,19 @@ def window_starts(episode: np.ndarray, done: np.ndarray, step: np.ndarray | None
     return np.flatnonzero(ok)
 
 
-class TransitionWindows(Dataset):
+class TransitionWindows:
     """The dataset seen as k-step windows: item i is the window starting at row i (see
     `MiniGridTransitions.windows`); the sampler only draws rows from `window_starts(k)`."""
 
-    def __init__(self, data: "MiniGridTransitions", k: int):
+    def __init__(self, data: MiniGridTransitions, k: int):
         self.data, self.k = data, k
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch
+
         return self.data.windows(torch.as_tensor(indices, dtype=torch.int64), self.k)
 
 
@@ -574,7 +602,7 @@ def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_loaders(
-    data: "MiniGridTransitions",
+    data: MiniGridTransitions,
     *,
     batch_size: int,
     val_fraction: float = 0.1,
@@ -589,6 +617,8 @@ def make_loaders(
     [B,unroll]) over an episode-level split. Train batches are shuffled per epoch and
     full-sized, and split across `world_size` ranks; val keeps every window in order (every
     rank evaluates all of it). With unroll 1 the windows are the transitions, in the same order."""
+    from torch.utils.data import DataLoader
+
     if unroll < 1:
         fail(f"--unroll must be at least 1 (1: one-step training), got {unroll}")
     longest = int(np.unique(data.episode, return_counts=True)[1].max())

@@ -19,19 +19,19 @@ predictions, each snapped to the nearest node, so imagined states are re-grounde
 instead of drifting over long rollouts.
 """
 
+from __future__ import annotations
+
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from envs import NAV_ACTIONS, goal_frames, goal_position, layout_key, make_env, model_frames, oracle_steps, place_agent_randomly
 from minigrid_dataset import MiniGridTransitions
 from models import model_from_checkpoint
-from planners import UNREACHABLE, Imagination, LatentGraph, make_planner
 from wm_common import (
     atomic_write,
     check_seed,
@@ -44,6 +44,12 @@ from wm_common import (
     seed_everything,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from planners import Imagination, LatentGraph
+
+# torch, and the planners that import it (a second of start-up), are imported where a plan is
+# made, so --help and a bad flag or path answer at once.
 
 PATHS_DRAWN = 4
 # Imagined states one executed action may cost: candidates x horizon (x CEM iterations). Measured
@@ -159,6 +165,8 @@ def run_episode(
 ) -> dict[str, Any]:
     """One episode from the seeded start: the planner's when given, else a uniform random policy
     over the same actions."""
+    import torch
+
     base = env.unwrapped
     obs, _ = env.reset(seed=episode_seed(cfg, e))
     rng = np.random.default_rng([cfg.seed, e])
@@ -253,6 +261,8 @@ def diagnose(episodes: list[dict]) -> dict[str, Any]:
     """Does what the planner scores track the true distance? Rank correlations, over every state
     the planner visited, of the oracle's steps-to-goal with the latent distance to the goal and
     with the graph's cost-to-go (1 = perfectly ordered)."""
+    from planners import UNREACHABLE
+
     trace = np.array([row for ep in episodes for row in ep["trace"]], np.float64).reshape(-1, 3)
     return {
         "states": len(trace),
@@ -350,6 +360,8 @@ def build_graph(
     data_path: str | None, imagination: Imagination, goals: np.ndarray, actions: list[int]
 ) -> tuple[LatentGraph, dict[str, Any]]:
     """The dataset-graph planner's graph over the frames of `data_path`, and its report."""
+    from planners import UNREACHABLE, LatentGraph
+
     if not data_path:
         fail("the checkpoint does not record its data; pass --graph-data")
     data = MiniGridTransitions(data_path)
@@ -488,6 +500,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
     out = check_writable_dir(cfg.out_dir, "--out-dir")
     seed_everything(cfg.seed)
     device = choose_device(cfg.device)
+    from planners import Imagination, make_planner
+
     imagination = Imagination(model_from_checkpoint(ckpt).to(device), ckpt["arch"], device)
     graph, graph_report = None, None
     if cost == "graph":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from minigrid_dataset import MiniGridTransitions
-from world_model_jepa import feature_map_shape
+from model_configs import feature_map_shape
 
 UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
 # Candidates go through the model this many at a time, so memory stays bounded whatever their

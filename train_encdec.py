@@ -8,19 +8,28 @@ config.json, metrics.csv, loss.png) and predictions.png: held-out s_t, predicted
 s_t+1 and their difference, so you can see what the decoder learned.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from envs import action_label
 from minigrid_dataset import MiniGridTransitions, split_episodes
-from training import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, run_training
-from wm_common import atomic_write, check_sizes, choose_device, fail, load_checkpoint, rank, run_cli
-from world_model_vit import DECODERS, EncDecConfig, ViTArgs, ViTEncoderDecoder, vit_kwargs
+from model_configs import DECODERS, EncDecConfig
+from trainer_flags import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, ViTArgs, check_run_flags, vit_kwargs
+from wm_common import atomic_write, check_sizes, choose_device, fail, load_checkpoint, no_grad, rank, run_cli
+
+if TYPE_CHECKING:
+    import torch
+
+    from world_model_vit import ViTEncoderDecoder
+
+# torch, and the model and training loop that import it (a second of start-up), are imported
+# where a model is built and trained, so --help and a bad flag answer at once.
 
 MAX_EXAMPLES = 64  # rows of predictions.png: more would pass matplotlib's 2**16-pixel figure limit
 
@@ -55,6 +64,8 @@ class EncDecTrainConfig(ViTArgs, RunConfig):
 
 
 def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig) -> ViTEncoderDecoder:
+    from world_model_vit import ViTEncoderDecoder
+
     if saved is not None:
         config = EncDecConfig(**saved)
         if list(data.frame_shape) != [config.image_size, config.image_size, config.input_channels]:
@@ -75,10 +86,13 @@ def build_model(saved: dict[str, Any] | None, data: Any, cfg: EncDecTrainConfig)
     return ViTEncoderDecoder(config=config)
 
 
-@torch.no_grad()
+@no_grad
 def draw_predictions(run_dir: Path, data: MiniGridTransitions, n: int, device: torch.device) -> Path:
     """predictions.png: rows of held-out s_t | predicted s_t+1 | true s_t+1 | |difference|."""
     import matplotlib
+    import torch
+
+    from world_model_vit import ViTEncoderDecoder
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,6 +140,9 @@ def main(cfg: EncDecTrainConfig) -> dict[str, Any]:
     if not 1 <= cfg.num_examples <= MAX_EXAMPLES:
         fail(f"--num-examples must be from 1 to {MAX_EXAMPLES} (rows of predictions.png), got {cfg.num_examples}")
     check_sizes(cfg, ("latent_dim", "action_emb_dim", "decoder_dim", "num_decoder_layers", "mlp_dim", "num_heads", "num_encoder_layers"))
+    check_run_flags(cfg)
+    from training import run_training
+
     summary = run_training(cfg, arch="encdec_vit", build_model=lambda saved, data: build_model(saved, data, cfg))
     if rank() == 0:
         out = draw_predictions(Path(cfg.out_dir), MiniGridTransitions(cfg.data), cfg.num_examples, choose_device(cfg.device))

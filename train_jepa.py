@@ -11,15 +11,23 @@ collapsed (per-dim std, RankMe) and warns if they have: a near-zero JEPA loss me
 its own.
 """
 
+from __future__ import annotations
+
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, run_training
+from model_configs import PRED_LOSSES, TARGETS, JEPAConfig, ViTJEPAConfig, feature_map_shape
+from trainer_flags import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, ViTArgs, check_run_flags, vit_kwargs
 from wm_common import check_sizes, fail, rank, run_cli
-from world_model_jepa import PRED_LOSSES, TARGETS, JEPAConfig, JEPAWorldModel, feature_map_shape
-from world_model_vit import ViTArgs, ViTJEPA, ViTJEPAConfig, vit_kwargs
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# The models and the training loop (world_model_*.py, training.py) import torch, a second of
+# start-up: they are imported where a model is built and trained, so --help and a bad flag answer
+# at once.
 
 # Loss weights when not given: the CNN's prediction loss is seed 003's normalised MSE (tiny
 # values), the ViT's is seed 000's plain MSE with VICReg's usual 25/25/1.
@@ -124,7 +132,10 @@ def coeffs(cfg: TrainConfig) -> dict[str, float]:
     }
 
 
-def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig):
+def build_model(saved: dict[str, Any] | None, data: Any, cfg: TrainConfig) -> nn.Module:
+    from world_model_jepa import JEPAWorldModel
+    from world_model_vit import ViTJEPA
+
     if cfg.arch == "cnn":
         config = JEPAConfig(**saved) if saved is not None else cnn_config(data, cfg)
         shape = config.obs_shape
@@ -210,6 +221,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         target = cfg.target or ("online" if cfg.arch == "cnn" else "ema")
         verb = "is" if len(unused) == 1 else "are"
         print(f"note: {flags} {verb} not used by --arch {cfg.arch} --target {target} (ignored)", file=sys.stderr)
+    check_run_flags(cfg)
+    from training import run_training
+
     return run_training(cfg, arch=f"jepa_{cfg.arch}", build_model=lambda saved, data: build_model(saved, data, cfg))
 
 

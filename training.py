@@ -20,18 +20,20 @@ from torch import nn
 
 from losses import collapse_warning, effective_rank, embedding_std
 from minigrid_dataset import MiniGridTransitions, make_loaders
+from trainer_flags import DEFAULT_STEPS, MAX_SKIPPED_IN_A_ROW, MIN_STEPS
+
+# re-exported: the tests read seed 000's names from here, where they were before trainer_flags.py
+from trainer_flags import SEED000_ALIASES as SEED000_ALIASES
+from trainer_flags import SEED000_COLLECTION_KEYS as SEED000_COLLECTION_KEYS
 from wm_common import (
     Interrupted,
     StopRequest,
     atomic_write,
     check_data_fits_model,
-    check_seed,
     check_writable_dir,
-    comm_device,
     fail,
     init_distributed,
     load_checkpoint,
-    mean_across_ranks,
     printable,
     rank,
     save_checkpoint,
@@ -190,7 +192,17 @@ class FitSettings:
     skip_nonfinite: bool = False
 
 
-MAX_SKIPPED_IN_A_ROW = 10
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: nccl only moves CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if world_size() == 1 or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world_size()).tolist(), strict=True))
 
 
 @dataclasses.dataclass
@@ -485,79 +497,6 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, max_late
 
 # ----------------------------------------------------------------------------- a training run
 
-# seed 000's config.yaml names for settings the trainers call otherwise
-SEED000_ALIASES = {
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "vicreg_sim_coeff": "sim_coeff",
-    "vicreg_std_coeff": "std_coeff",
-    "vicreg_cov_coeff": "cov_coeff",
-}
-# seed 000 keys that configure data collection: the trainers accept and skip them
-SEED000_COLLECTION_KEYS = ("environment_name", "num_episodes_data_collection", "max_steps_per_episode_data_collection")
-
-
-# Fewer optimizer steps than this left the CNN JEPA short of what its data can teach (measured
-# on four MiniGrid layouts: at 84-243 steps the predicted-cell probe was 0.17-0.75 one step
-# ahead, at 648-2,000 steps 0.999-1.0); such runs are told so. The default budget is above it.
-MIN_STEPS = 500
-DEFAULT_STEPS = 2000
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Settings every trainer shares; each trainer's config adds its model's fields."""
-
-    data: str = dataclasses.field(default="data/demo_empty8x8.npz", metadata={"help": "transitions .npz from collect_minigrid_data.py"})
-    epochs: int | None = dataclasses.field(
-        default=None,
-        metadata={"help": "total epochs (with --resume: train until this many; default: enough for --steps)", "replaces": "steps"},
-    )
-    batch_size: int = dataclasses.field(default=64, metadata={"help": "transitions per batch"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "one seed for init, data split and data order"})
-    out_dir: str = dataclasses.field(default="", metadata={"help": "run directory (default: checkpoints/<arch>)"})
-    device: str = dataclasses.field(
-        default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": ["auto", "cpu", "cuda", "mps"]}
-    )
-    config: str = dataclasses.field(default="", metadata={"help": "YAML file of these keys (seed 000 names accepted); flags override it"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out-dir from its checkpoint up to --epochs"})
-    overwrite: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "replace an existing run in --out-dir (the old one is moved to <out-dir>.prev, or .prev2, ...: never deleted)"},
-    )
-    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of episodes held out for validation"})
-    log_every: int = dataclasses.field(default=100, metadata={"help": "print and log every this many batches"})
-    compile: bool = dataclasses.field(
-        default=False, metadata={"help": "torch.compile the training loss (about 2x for the CNN JEPA on a CPU; the first steps compile)"}
-    )
-    amp: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast for the training forward pass (for GPUs)"})
-    num_workers: int = dataclasses.field(
-        default=0, metadata={"help": "DataLoader worker processes (0: load in the main process; batches are one gather)"}
-    )
-    save_every: int = dataclasses.field(
-        default=0, metadata={"help": "also checkpoint every this many steps within an epoch (0: at epoch ends only)"}
-    )
-    skip_nonfinite: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": f"skip an update whose loss or gradient is NaN/inf instead of stopping ({MAX_SKIPPED_IN_A_ROW} in a row still stop)"
-        },
-    )
-    steps: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": f"budget in optimizer steps: the fewest whole epochs that reach it (default without --epochs: {DEFAULT_STEPS})",
-            "replaces": "epochs",
-        },
-    )
-    unroll: int = dataclasses.field(
-        default=1,
-        metadata={"help": "train on windows of K consecutive steps, the predictor fed its own output K times (1: one-step)"},
-    )
-
 
 def epochs_for(cfg: Any, steps_per_epoch: int) -> int:
     """--epochs, or the fewest whole epochs that give --steps (default DEFAULT_STEPS) optimizer steps:
@@ -652,35 +591,10 @@ def run_training(
 ) -> dict[str, Any]:
     """`_train_run` with the run directory's lock, taken once every input is checked and before
     the first write (so a bad input writes nothing, not even the lock file), and held to the end
-    by rank 0 for every process."""
+    by rank 0 for every process. The trainer has checked `cfg` with `check_run_flags` already,
+    before importing this module (and torch)."""
     with contextlib.ExitStack() as held:
         return _train_run(cfg, arch=arch, build_model=build_model, hold=held)
-
-
-def check_run_flags(cfg: Any) -> None:
-    """The flags every trainer shares, each bad value one line."""
-    if cfg.epochs is not None and cfg.steps is not None:
-        fail("give the budget as --epochs or as --steps, not both")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        fail(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.steps is not None and cfg.steps < 1:
-        fail(f"--steps must be at least 1, got {cfg.steps}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        fail(f"--lr must be positive and finite, got {cfg.lr}")
-    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        fail(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
-    if cfg.lr * cfg.weight_decay >= 1:
-        # AdamW multiplies every weight by 1 - lr * weight_decay each step: 0 or below zeroes or flips them all
-        fail(
-            f"--weight-decay {cfg.weight_decay} x --lr {cfg.lr} is 1 or more: every step would zero or flip all weights; lower --weight-decay"
-        )
-    if not (cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip)):
-        fail(f"--grad-clip must be 0 (off) or a positive norm, got {cfg.grad_clip}")
-    check_seed(cfg.seed)
-    if cfg.log_every < 1:
-        fail(f"--log-every must be at least 1, got {cfg.log_every}")
-    if cfg.save_every < 0:
-        fail(f"--save-every must be 0 (epoch ends only) or a number of steps, got {cfg.save_every}")
 
 
 def build_checked_model(build_model: Callable, resume_from: dict[str, Any] | None, data: Any, batch_size: int) -> torch.nn.Module:
@@ -757,17 +671,12 @@ def _train_run(
     `build_model(saved_model_config_or_None, data)` returns the model. Everything that can fail
     on user input is checked before anything is written. Under `torchrun` every process runs
     this; rank 0 alone writes."""
-    check_run_flags(cfg)
     out = Path(cfg.out_dir)
     ckpt_path = out / "model.pt"
     resume_from = None
     if cfg.resume:
-        if not ckpt_path.is_file():
-            fail(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         resume_from = load_checkpoint(ckpt_path, arch=arch)
         check_same_run(resume_from.get("train_config") or {}, to_jsonable(cfg))
-    elif ckpt_path.exists() and not cfg.overwrite:
-        fail(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out-dir")
     device = init_distributed(cfg.device)
     try:
         say(f"Using device: {device}" + (f" x {world_size()} processes (DDP), global batch {cfg.batch_size}" if world_size() > 1 else ""))

@@ -1,9 +1,16 @@
 """Pieces every stage shares, written once: user errors and the CLI, seeding, device choice,
-several processes, atomic files and checkpoints."""
+several processes, atomic files and checkpoints.
+
+Every stage script imports this module before it parses its flags, so it does not import torch
+(a second of start-up): the few functions that need torch import it when called.
+"""
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import functools
 import json
 import os
 import random
@@ -15,11 +22,15 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import torch
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # ----------------------------------------------------------------------------- errors and CLI
 
@@ -61,7 +72,7 @@ class StopRequest:
                 flush=True,
             )
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -295,6 +306,8 @@ def check_seed(seed: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -302,6 +315,8 @@ def seed_everything(seed: int) -> None:
 
 def choose_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; asking for a device that is not there is an error."""
+    import torch
+
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -314,16 +329,32 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def no_grad(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`@torch.no_grad()` for the stage scripts' functions: torch is imported when `fn` runs, not
+    when the script defines it."""
+
+    @functools.wraps(fn)
+    def without_grad(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return without_grad
+
+
 # ----------------------------------------------------------------------------- multi-process training
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    # looked up, not imported: a process that never imported torch.distributed is in no process group
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
     """This process's rank: from the process group, or before and after it from torchrun's RANK."""
-    return dist.get_rank() if world_size() > 1 else int(os.environ.get("RANK", "0"))
+    return sys.modules["torch.distributed"].get_rank() if world_size() > 1 else int(os.environ.get("RANK", "0"))
 
 
 def say(*args: Any) -> None:
@@ -336,6 +367,9 @@ def init_distributed(device_name: str) -> torch.device:
     """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) joins the process
     group, nccl on CUDA (one GPU per process, by LOCAL_RANK) and gloo on CPU; otherwise just
     picks the device."""
+    import torch
+    import torch.distributed as dist
+
     device = choose_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
@@ -346,47 +380,6 @@ def init_distributed(device_name: str) -> torch.device:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward hands each rank the gradient of its own share, summed over the
-    ranks (every rank computes the same global-batch loss; DDP's gradient averaging then gives
-    exactly the one-process gradient)."""
-
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(z) for _ in range(world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(world_size())[rank()]
-
-
-def gather_batch(z: torch.Tensor) -> torch.Tensor:
-    """z of this rank's share of the batch [b,D] -> z of the global batch [b*N,D], with gradients
-    flowing back to every rank's share. VICReg's variance and covariance are statistics of the
-    whole batch, so under DDP they must see all of it for N processes to train exactly like one.
-    A no-op in one process and under no_grad (evaluation runs the full val set on every rank)."""
-    if world_size() == 1 or not torch.is_grad_enabled():
-        return z
-    return _AllGather.apply(z)
-
-
-def comm_device() -> torch.device:
-    """Where small tensors for collectives must live: nccl only moves CUDA tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    if world_size() == 1 or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world_size()).tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -468,6 +461,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     missing = [k for k in CHECKPOINT_KEYS if k not in payload]
     if missing:
         raise ValueError(f"checkpoint payload lacks {missing}")
+    import torch
+
     return atomic_write(path, lambda p: torch.save(payload, p))
 
 
@@ -482,6 +477,8 @@ def load_checkpoint(path: str | Path, *, arch: str | tuple[str, ...] | None = No
         fail(f"checkpoint {path} is {odd}, not a file; fix the path")
     if not p.is_file():
         fail(f"checkpoint {path} not found; train a model first (train_jepa.py) or fix the path")
+    import torch
+
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

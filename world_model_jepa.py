@@ -18,12 +18,13 @@ every dimension spread out and decorrelated. One-step training predicts one step
 drifts past chance within a few open-loop steps; the K-step unroll trains the predictor on its
 own outputs, and the inverse-dynamics term keeps in the latent what the actions change.
 
-The config's defaults are seed 003's model (and what checkpoints saved before a field existed
-were trained with); train_jepa.py's flags carry the recommended values.
+Its config, `JEPAConfig`, is in model_configs.py: its defaults are seed 003's model (and what
+checkpoints saved before a field existed were trained with); train_jepa.py's flags carry the
+recommended values.
 """
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,7 @@ from losses import (
     ema_update,
     flat_steps,
     frames_to_float,
+    gather_batch,
     inverse_dynamics_head,
     jepa_term_names,
     latent_rollout,
@@ -42,58 +44,7 @@ from losses import (
     vicreg_cov_loss,
     vicreg_std_loss,
 )
-from wm_common import gather_batch
-
-TARGETS = ("ema", "online")
-PRED_LOSSES = ("normalized", "mse")
-
-
-@dataclass
-class JEPAConfig:
-    obs_shape: list[int] = field(default_factory=lambda: [64, 64, 3])  # H, W, C of the uint8 frames
-    num_actions: int = 7  # for continuous actions: the action vector's size
-    continuous_actions: bool = False
-    latent_dim: int = 128
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    action_emb_dim: int = 32
-    predictor_hidden_dim: int = 256
-    ema_decay: float = 0.99
-    pixel_scale: float = 255.0  # 255 for RGB; MiniGrid's symbolic codes are small integers
-    reg: str = "vicreg"  # "none" is seed 003's method exactly
-    sim_coeff: float = 1.0
-    std_coeff: float = 1.0
-    cov_coeff: float = 0.04
-    idm_coeff: float = 0.0  # > 0 adds an inverse-dynamics head: (z_t, z_t+1) -> a_t
-    smooth_coeff: float = 0.0  # temporal smoothness of consecutive online latents
-    target: str = "ema"  # "ema": EMA target encoder (seed 003); "online": the online encoder, stop-gradient
-    vc_all_steps: bool = False  # VICReg terms on the latents of every frame of the window, not only obs_t
-    residual: bool = False  # the predictor outputs z + delta (copying is where it starts)
-    pred_loss: str = "normalized"  # seed 003's MSE of unit vectors, or "mse" of the raw latents (norm included)
-    spatial: bool = False  # the latent is the encoder's feature map (latent_dim = its size), the predictor convolutional
-
-    def __post_init__(self):
-        if self.reg not in ("none", "vicreg"):
-            raise ValueError(f"reg must be 'none' or 'vicreg', got {self.reg!r}")
-        if self.pred_loss not in PRED_LOSSES:
-            raise ValueError(f"pred_loss must be one of {PRED_LOSSES}, got {self.pred_loss!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-
-
-def halves(side: int, spatial: bool) -> bool:
-    """Does the next conv halve a side this long? The global latent's encoder halves sides of 16 px
-    or more (seed 003); the spatial one down to 8, so that three convs make a MiniGrid cell of
-    8 px one position (48 -> 6, 64 -> 8, 72 -> 9) while a 7x7 symbolic grid keeps stride 1."""
-    return side >= (8 if spatial else 16)
-
-
-def feature_map_shape(obs_shape: list[int], channels: list[int], spatial: bool = True) -> tuple[int, int, int]:
-    """(c, h, w) of CNNEncoder's feature map."""
-    h, w, _ = obs_shape
-    for _ in channels:
-        if halves(min(h, w), spatial):
-            h, w = h // 2, w // 2
-    return channels[-1], h, w
+from model_configs import JEPAConfig, feature_map_shape, halves
 
 
 class CNNEncoder(nn.Module):

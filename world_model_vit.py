@@ -22,12 +22,13 @@ what changes)
 (`residual`: the change from s_t, so the static board is free and the capacity goes to what
 moves); loss = MSE in pixels, on K steps each fed the previous predicted frame.
 
-The configs' defaults are seed 000's models (and what older checkpoints were trained with);
-the trainers' flags carry the recommended values.
+Their configs (`ViTConfig`, `ViTJEPAConfig`, `EncDecConfig`) are in model_configs.py: their
+defaults are seed 000's models (and what older checkpoints were trained with); the trainers'
+flags carry the recommended values.
 """
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -39,85 +40,14 @@ from losses import (
     ema_update,
     flat_steps,
     frames_to_float,
+    gather_batch,
     inverse_dynamics_head,
     jepa_term_names,
     latent_rollout,
     vicreg_cov_loss,
     vicreg_std_loss,
 )
-from wm_common import fail as raise_user
-from wm_common import gather_batch
-
-
-@dataclass
-class ViTConfig:
-    image_size: int = 64
-    patch_size: int = 8
-    input_channels: int = 3
-    num_actions: int = 7  # for continuous actions: the action vector's size
-    continuous_actions: bool = False
-    latent_dim: int = 128
-    num_heads: int = 4
-    num_encoder_layers: int = 2
-    mlp_dim: int = 256
-    action_emb_dim: int = 32
-    pixel_scale: float = 255.0
-    # seed 000: a LayerNorm over each patch's pixels before the embedding. It erases a uniform
-    # patch's brightness: at patch 8, MiniGrid's black floor, grey wall and lit floor are one token.
-    patch_norm: bool = True
-
-    def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.latent_dim % self.num_heads:
-            raise ValueError(f"latent_dim {self.latent_dim} is not divisible by num_heads {self.num_heads}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-@dataclass
-class ViTJEPAConfig(ViTConfig):
-    jepa_predictor_hidden_dim: int = 256
-    predictor: str = "mlp"  # "mlp" or "transformer"
-    arrangement: str = "seed"  # "seed" or "common", see the module docstring
-    ema_decay: float = 0.99
-    vicreg_sim_coeff: float = 25.0
-    vicreg_std_coeff: float = 25.0
-    vicreg_cov_coeff: float = 1.0
-    idm_coeff: float = 0.0
-    smooth_coeff: float = 0.0
-    target: str = "ema"  # "common" arrangement: "ema" target encoder or "online" (stop-gradient)
-    residual: bool = False  # the predictor outputs z + delta
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.predictor not in ("mlp", "transformer"):
-            raise ValueError(f"predictor must be 'mlp' or 'transformer', got {self.predictor!r}")
-        if self.arrangement not in ("seed", "common"):
-            raise ValueError(f"arrangement must be 'seed' or 'common', got {self.arrangement!r}")
-        if self.target not in ("ema", "online"):
-            raise ValueError(f"target must be 'ema' or 'online', got {self.target!r}")
-        if self.target == "online" and self.arrangement == "seed":
-            raise ValueError("target 'online' is for arrangement 'common' (in 'seed' the EMA encoder encodes s_t)")
-
-
-DECODERS = ("cross", "tokens")
-
-
-@dataclass
-class EncDecConfig(ViTConfig):
-    decoder_dim: int = 128
-    num_decoder_layers: int = 2
-    residual: bool = False  # decode the change from s_t instead of the whole frame
-    change_weight: float = 0.0  # pixels that change from s_t to s_t+1 weigh 1 + this in the loss
-    decoder: str = "cross"  # "cross": learned queries cross-attend (seed 000); "tokens": see the docstring
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+from model_configs import EncDecConfig, ViTConfig, ViTJEPAConfig
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -390,56 +320,3 @@ class ViTEncoderDecoder(nn.Module):
 
     def model_config(self) -> dict:
         return asdict(self.config)
-
-
-@dataclass
-class ViTArgs:
-    """The ViT hyperparameters as trainer flags / config.yaml keys (seed 000's names)."""
-
-    image_size: int | None = field(default=None, metadata={"help": "ViT: frame size; must match the data (default: the data's)"})
-    input_channels: int | None = field(default=None, metadata={"help": "ViT: frame channels; must match the data (default: the data's)"})
-    patch_size: int = field(default=16, metadata={"help": "ViT: patch size (image_size must be divisible by it)"})
-    num_heads: int = field(default=4, metadata={"help": "ViT: attention heads"})
-    num_encoder_layers: int = field(default=2, metadata={"help": "ViT: encoder transformer blocks"})
-    mlp_dim: int = field(default=256, metadata={"help": "ViT: hidden size of each block's MLP"})
-    action_emb_dim: int = field(default=32, metadata={"help": "action embedding size"})
-    patch_norm: bool = field(
-        default=True,
-        metadata={
-            "help": "ViT: LayerNorm over each patch's pixels (seed 000); it erases a uniform patch's brightness, --no-patch-norm keeps it"
-        },
-    )
-
-
-def vit_kwargs(args: ViTArgs, data, latent_dim: int) -> dict:
-    """ViTConfig keyword arguments from the flags, checked against the data's frames."""
-    h, w, c = data.frame_shape
-    if h != w:
-        raise_user(f"the ViT needs square frames, the data's are {h}x{w}")
-    if args.image_size not in (None, h):
-        raise_user(
-            f"image_size {args.image_size} does not match the data's {h}x{w} frames; collect with --image-size {args.image_size} or set image_size: {h}"
-        )
-    if args.input_channels not in (None, c):
-        raise_user(f"input_channels {args.input_channels} does not match the data's {c} channels")
-    if args.patch_size < 1:
-        raise_user(f"--patch-size must be at least 1, got {args.patch_size}")
-    if h % args.patch_size:
-        raise_user(f"image_size {h} is not divisible by patch_size {args.patch_size}; pick a divisor of {h}")
-    if latent_dim % args.num_heads:
-        raise_user(f"latent_dim {latent_dim} is not divisible by num_heads {args.num_heads}")
-    symbolic = data.meta.get("obs_mode") == "symbolic"
-    return dict(
-        image_size=h,
-        input_channels=c,
-        patch_size=args.patch_size,
-        num_actions=data.num_actions,
-        continuous_actions=data.continuous_actions,
-        latent_dim=latent_dim,
-        num_heads=args.num_heads,
-        num_encoder_layers=args.num_encoder_layers,
-        mlp_dim=args.mlp_dim,
-        action_emb_dim=args.action_emb_dim,
-        pixel_scale=10.0 if symbolic else 255.0,
-        patch_norm=args.patch_norm,
-    )

@@ -83,7 +83,7 @@ def test_directory_layout_keeps_frames_out_of_process_memory(tmp_path):
     settings = dict(episodes=10, max_steps=150, image_size=64)
     paths = (collect(tmp_path / "big.npz", **settings), collect(tmp_path / "big_dir", **settings))
     code = (
-        "import sys; from benchmark import rss_bytes; from minigrid_dataset import MiniGridTransitions;"
+        "import sys, torch; from benchmark import rss_bytes; from minigrid_dataset import MiniGridTransitions;"
         "b = rss_bytes(); d = MiniGridTransitions(sys.argv[1]); print((rss_bytes() - b) / d.frame_bytes)"
     )
     growth = {}
