@@ -187,8 +187,9 @@ def run_episode(
         else:
             frame = torch.from_numpy(model_frames(obs[None], image_size, channels))
             state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
-            trace.append((oracle.get(state, np.nan), *planner.beliefs(frame)))
+            beliefs = (oracle.get(state, np.nan), *planner.beliefs(frame))
             a = planner.act(frame)
+            trace.append((*beliefs, planner.cost_to_go))
         obs, reward, terminated, truncated, _ = env.step(a)
         path.append((int(base.agent_pos[0]), int(base.agent_pos[1])))
         if film is not None:
@@ -204,7 +205,7 @@ def run_episode(
         "oracle_steps": oracle.get(start),
         "seconds": time.perf_counter() - t0,
         "path": path,
-        "trace": trace,  # per planned step: (oracle steps, latent distance to goal, graph cost)
+        "trace": trace,  # per planned step: (oracle steps, latent distance to goal, graph cost, imagined steps to go)
     }
 
 
@@ -259,15 +260,18 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def diagnose(episodes: list[dict]) -> dict[str, Any]:
     """Does what the planner scores track the true distance? Rank correlations, over every state
-    the planner visited, of the oracle's steps-to-goal with the latent distance to the goal and
-    with the graph's cost-to-go (1 = perfectly ordered)."""
+    the planner visited, of the oracle's steps-to-goal with the latent distance to the goal, with
+    the graph's cost-to-go and with the imagined map's steps to go (1 = perfectly ordered)."""
     from planners import UNREACHABLE
 
-    trace = np.array([row for ep in episodes for row in ep["trace"]], np.float64).reshape(-1, 3)
+    trace = np.array([row for ep in episodes for row in ep["trace"]], np.float64).reshape(-1, 4)
     return {
         "states": len(trace),
         "spearman_latent_distance_vs_oracle": spearman(trace[:, 1], trace[:, 0]),
         "spearman_graph_cost_vs_oracle": spearman(np.where(trace[:, 2] >= UNREACHABLE, np.nan, trace[:, 2]), trace[:, 0]),
+        # over the states where the imagined map reached the goal (how many: states_with_imagined_path)
+        "spearman_imagined_steps_vs_oracle": spearman(trace[:, 3], trace[:, 0]),
+        "states_with_imagined_path": int(np.isfinite(trace[:, 3]).sum()),
     }
 
 
@@ -482,7 +486,8 @@ def print_summary(cfg: PlanConfig, report: dict[str, Any], out: Path) -> None:
     d = report["diagnostics"]
     print(
         f"does the cost track the true distance? rank correlation with the oracle's steps over {d['states']} visited states: "
-        f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}"
+        f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}, "
+        f"imagined steps to go {_fmt(d['spearman_imagined_steps_vs_oracle'])} (over the {d['states_with_imagined_path']} where the map reached the goal)"
     )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
 

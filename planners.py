@@ -240,7 +240,7 @@ class ImaginedGraph:
 
     def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
         self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
-        self.nodes, self.radius = 0, 0.0
+        self.nodes, self.radius, self.reached = 0, 0.0, False  # of the last search
 
     @torch.no_grad()
     def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -271,8 +271,9 @@ class ImaginedGraph:
             frontier = torch.arange(first, len(vectors))
             if float(goal_dist[first:].min()) <= radius:
                 break  # breadth-first: no shorter imagined path to the goal exists
-        self.nodes, self.radius = len(parent), radius or 0.0
         node = int(goal_dist.argmin())
+        self.nodes, self.radius = len(parent), radius or 0.0
+        self.reached = float(goal_dist[node]) <= self.radius
         path = []
         while parent[node] != -1:
             path.append(node)
@@ -370,6 +371,8 @@ class _GoalPlanner:
     def __init__(self, imagination: Imagination, actions: list[int], graph: LatentGraph | None):
         self.imagination, self.actions, self.graph = imagination, torch.tensor(actions), graph
         self.goal: torch.Tensor | None = None
+        # steps to the goal the planner believed after its last action (NaN: it had no such belief)
+        self.cost_to_go = float("nan")
 
     def start_episode(self, goal_frames: np.ndarray) -> None:
         self.goal = self.imagination.target(torch.from_numpy(goal_frames))
@@ -425,8 +428,10 @@ class ImaginedPlanner(_GoalPlanner):
         im = self.imagination
         if len(self.plan) > 1 and float(im.same_state_distance(im.target(frame), self.expect[:1])) <= self.imagined.radius:
             self.plan, self.expect = self.plan[1:], self.expect[1:]
+            self.cost_to_go -= 1
             return int(self.actions[self.plan[0]])
         path, self.expect = self.imagined.search(frame, self.goal)
+        self.cost_to_go = float(len(path)) if self.imagined.reached else float("nan")
         if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
             start = im.start(frame)
             nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))

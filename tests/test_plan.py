@@ -4,6 +4,7 @@ frames and goal images against the real env, then the command line end to end on
 CNN JEPA and its one-line errors."""
 
 import json
+import math
 import shutil
 from collections import deque
 
@@ -236,6 +237,25 @@ def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
     assert len(path) == DIST[(1, 1, 2)] == len(vectors)
 
 
+def test_imagined_cost_to_go_is_the_true_distance_along_the_way_with_a_perfect_model():
+    """What the diagnostics correlate with the oracle: after each action, the imagined map's
+    steps to the goal from the state acted in. With a perfect model it is the true distance at
+    every step of the walk, whether the planner searched again or followed its path."""
+    planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
+    s = (1, 1, 2)
+    while s[:2] != GOAL:
+        a = planner.act(frame(s))
+        assert planner.cost_to_go == DIST[s], s
+        s = true_step(s, a)
+
+
+def test_without_a_path_to_the_goal_the_imagined_planner_has_no_cost_to_go():
+    imag = Imagination(GridModel(TOKEN, move=False, dim=256), "jepa_cnn", CPU)
+    planner = planner_for(imag, None, planner="imagined")
+    planner.act(frame((1, 1, 0)))
+    assert not planner.imagined.reached and math.isnan(planner.cost_to_go)
+
+
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
     """Forward changes nothing in this model: the imagined map is the four directions of the
     start cell, merged however often they are reached, and the search never walks."""
@@ -402,6 +422,11 @@ def check_report(out, planner, horizon):
     for key in ("success_rate", "random_success_rate"):
         assert 0 <= report[key] <= 1
     assert report["seconds_per_episode"] > 0
+    d = report["diagnostics"]
+    assert d["states"] == sum(e["steps"] for e in report["per_episode"])  # one belief per step taken
+    assert d["states_with_imagined_path"] == 0 and d["spearman_imagined_steps_vs_oracle"] is None  # no imagined map here
+    for key in ("spearman_latent_distance_vs_oracle", "spearman_graph_cost_vs_oracle"):
+        assert d[key] is None or -1 <= d[key] <= 1
     episodes = report["per_episode"]
     assert len(episodes) == 3 and len(report["random_per_episode"]) == 3
     assert [e["seed"] for e in episodes] == [1000, 1001, 1002]
