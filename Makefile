@@ -13,7 +13,7 @@ DEMO_DATA ?= data/demo_empty8x8.npz
 DEMO_EPISODES ?= 80
 DEMO_EPOCHS ?= 3
 
-.PHONY: setup setup-dev setup-extras lock demo plan plan-unseen ablation test test-all lint clean
+.PHONY: setup setup-dev setup-extras lock demo plan plan-unseen ablation docs docs-long test test-all lint clean
 
 # the core: what the pipeline needs to run
 $(BIN)/.installed: requirements.txt $(LOCK)
@@ -80,6 +80,14 @@ plan-unseen: setup
 # after make demo: each term of the objective removed in turn, same data and budget; rewrites the table in docs/training.md (~25 min on 2 cores)
 ablation: setup
 	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme docs/training.md
+
+# rebuild every printed example and results table in the docs from the current code (regenerate_docs.py):
+# the quick ones (~15 min on 2 cores), or also the long ones (held-out planning, three training seeds: hours)
+docs: setup
+	$(BIN)/python regenerate_docs.py
+
+docs-long: setup
+	$(BIN)/python regenerate_docs.py --long
 
 test: setup-dev
 	$(BIN)/python -m pytest -q -n auto --dist loadscope
