@@ -77,6 +77,7 @@ class Runner:
     def __init__(self, work: Path, train_seeds: int = 3):
         self.work, self.records, self.train_seeds = work, work / ".regenerate_docs", train_seeds
         self.records.mkdir(exist_ok=True)
+        self.loads: dict[tuple[str, ...], float | None] = {}  # load average when each command ended
 
     def __call__(self, script: str, *args: str, threads: int | None = None) -> tuple[str, float]:
         """-> (what the script printed on stdout, seconds it took), with `threads` torch threads
@@ -89,9 +90,10 @@ class Runner:
             proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=self.work, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 fail(f"{shell(key)} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-            done = {"command": key, "stdout": proc.stdout, "seconds": time.perf_counter() - start}
+            done = {"command": key, "stdout": proc.stdout, "seconds": time.perf_counter() - start, "load": os.getloadavg()[0]}
             atomic_write(record, lambda p: p.write_text(json.dumps(done)))
         done = json.loads(record.read_text())
+        self.loads[key] = done.get("load")
         return done["stdout"], done["seconds"]
 
 
@@ -105,13 +107,17 @@ def took(seconds: float) -> str:
 
 
 def commands_block(run: Runner, *commands: tuple[str, ...]) -> str:
-    """The commands as a bash block, each with the time it took here."""
-    lines = [f"{shell(c)}   # {took(run(*c)[1])}" for c in commands]
-    load = os.getloadavg()[0]
+    """The commands as a bash block, each with the time it took here and the machine's load
+    average (1 min) when it ended: times taken while other jobs ran are not the script's alone."""
+    lines = []
+    for c in commands:
+        seconds = run(*c)[1]
+        load = run.loads.get(c)
+        lines.append(f"{shell(c)}   # {took(seconds)}" + (f", load {load:.1f}" if load is not None else ""))
     return (
         "```bash\n"
         + "\n".join(lines)
-        + f"\n```\n\n(times on {os.cpu_count()} CPU cores, load average {load:.1f} when the block was written)"
+        + f"\n```\n\n(times on {os.cpu_count()} CPU cores; `load` is the load average when the command ended)"
     )
 
 
