@@ -18,8 +18,12 @@ EPISODES, MAX_STEPS = 8, 40
 TRAIN = ["--batch-size", "16", "--log-every", "5", "--device", "cpu", "--seed", "0"]
 
 
+def train_args(data, out_dir, *extra, epochs=2):
+    return ("--data", data, "--out-dir", out_dir, "--epochs", str(epochs), *TRAIN, *extra)
+
+
 def train(data, out_dir, *extra, epochs=2):
-    return run("train_jepa.py", "--data", data, "--out-dir", out_dir, "--epochs", str(epochs), *TRAIN, *extra)
+    return run("train_jepa.py", *train_args(data, out_dir, *extra, epochs=epochs))
 
 
 def read_rows(run_dir):
@@ -42,11 +46,6 @@ def assert_same_weights(a, b):
 
 
 # ----------------------------------------------------------------------------- shared runs
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli")
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +146,20 @@ def test_train_cli(run_a):
     assert ckpt["data_meta"]["frame_shape"] == [32, 32, 3]
 
 
-def test_reg_none_prints_collapse_warning(work, data):
+def test_reg_none_prints_collapse_warning(work, data, in_process):
     out = work / "run_none"
-    proc = ok(train(data, out, "--reg", "none"))
-    assert "WARNING: the latents look collapsed" in proc.stdout
+    stdout = in_process("train_jepa.py", *train_args(data, out, "--reg", "none"))
+    assert "WARNING: the latents look collapsed" in stdout
     last_val = [r for r in read_rows(out) if r["phase"] == "val"][-1]
     assert float(last_val["effective_rank"]) < 2.56 or float(last_val["embedding_std"]) < 0.1 / math.sqrt(128)
 
 
-def test_resume_matches_uninterrupted_run(work, data, run_a):
+def test_resume_matches_uninterrupted_run(work, data, run_a, in_process):
     ok(run_a[1])
     out = work / "run_resumed"
-    first = ok(train(data, out, epochs=1))
-    assert "Epoch 02" not in first.stdout
+    # the first epoch in this process: what is resumed in a new one is what the files hold
+    first = in_process("train_jepa.py", *train_args(data, out, epochs=1))
+    assert "Epoch 02" not in first
     assert weights(out)["epoch"] == 1
     second = ok(train(data, out, "--resume", epochs=2))
     assert "Epoch 01 |" not in second.stdout and "Epoch 02 finished" in second.stdout
@@ -169,10 +169,10 @@ def test_resume_matches_uninterrupted_run(work, data, run_a):
     assert_same_weights(a["model"], r["model"])
 
 
-def test_same_seed_twice_is_identical(work, data, run_a):
+def test_same_seed_twice_is_identical(work, data, run_a, in_process):
     ok(run_a[1])
     out = work / "run_b"
-    ok(train(data, out))
+    in_process("train_jepa.py", *train_args(data, out))  # run_a ran in a process of its own
     assert loss_table(out) == loss_table(run_a[0])
     assert_same_weights(weights(out)["model"], weights(run_a[0])["model"])
 
@@ -341,10 +341,10 @@ def test_vicreg_keeps_latents_spread_where_seed003_collapses(tmp_path):
     assert float(v["embedding_std"]) > 10 * float(n["embedding_std"])
 
 
-def test_amp_trains_with_finite_falling_loss(data, tmp_path):
+def test_amp_trains_with_finite_falling_loss(data, tmp_path, in_process):
     """--amp (bfloat16 autocast) runs on the CPU too; the model and checkpoint stay float32."""
     out = tmp_path / "amp"
-    ok(train(data, out, "--amp"))
+    in_process("train_jepa.py", *train_args(data, out, "--amp"))
     rows = [r for r in read_rows(out) if r["phase"] == "train"]
     losses = [float(r["loss"]) for r in rows]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
@@ -366,9 +366,9 @@ def test_compile_matches_eager_losses(data, tmp_path, run_a):
     assert weights(out)["model"].keys() == weights(run_a[0])["model"].keys()
 
 
-def test_idm_coeff_trains_and_logs_its_term(data, tmp_path):
+def test_idm_coeff_trains_and_logs_its_term(data, tmp_path, in_process):
     out = tmp_path / "idm"
-    ok(train(data, out, "--idm-coeff", "1"))
+    in_process("train_jepa.py", *train_args(data, out, "--idm-coeff", "1"))
     rows = [r for r in read_rows(out) if r["phase"] == "train"]
     assert all(math.isfinite(float(r["idm_loss"])) for r in rows)
     assert json.loads((out / "config.json").read_text())["train"]["idm_coeff"] == 1.0

@@ -47,11 +47,11 @@ def assert_same_training(one, two, arch: str, *, weights: bool = True) -> None:
         torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-3, atol=1e-4, msg=k)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, data):
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, data, in_process):
     """The CNN JEPA with VICReg: its variance and covariance terms are batch statistics, so this
     only matches if the ranks gather each other's latents."""
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(run("train_jepa.py", "--data", data, "--out-dir", one, *TINY_RUN))
+    in_process("train_jepa.py", "--data", data, "--out-dir", one, *TINY_RUN)
     proc = ok(torchrun("train_jepa.py", "--data", data, "--out-dir", two, *TINY_RUN))
     assert "x 2 processes (DDP), global batch 32" in proc.stdout
     assert proc.stdout.count("Saved ") == 1  # rank 0 alone speaks and writes

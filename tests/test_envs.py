@@ -1,6 +1,7 @@
-"""Any Gymnasium env from pixels: CartPole (discrete) and Pendulum (continuous) end to end through
-the CLI, continuous actions in every model, grayscale and frame skip, bad inputs, the optional
-CarRacing / Atari extras, and headless rendering."""
+"""Any Gymnasium env from pixels: CartPole (discrete) and Pendulum (continuous) through every
+stage's command line (run in-process but for CartPole's headless collection), continuous actions in
+every model, grayscale and frame skip, bad inputs, the optional CarRacing / Atari extras, and
+headless rendering."""
 
 import json
 import math
@@ -79,11 +80,6 @@ def finite_or_null(values: list) -> bool:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("envs")
-
-
-@pytest.fixture(scope="module")
 def cartpole(work):
     """CartPole collected through the CLI with no display at all: (path, completed process)."""
     path = work / "cartpole.npz"
@@ -105,25 +101,23 @@ def cartpole_arrays(cartpole):
 
 
 @pytest.fixture(scope="module")
-def cartpole_run(work, cartpole):
+def cartpole_run(work, cartpole, in_process):
     ok(cartpole[1])
     out = work / "cartpole_cnn"
-    ok(run("train_jepa.py", "--latent-dim", "32", *TRAIN, "--data", cartpole[0], "--out-dir", out))
+    in_process("train_jepa.py", "--latent-dim", "32", *TRAIN, "--data", cartpole[0], "--out-dir", out)
     return out
 
 
 @pytest.fixture(scope="module")
-def cartpole_eval(work, cartpole_run):
+def cartpole_eval(work, cartpole_run, in_process):
     out = work / "cartpole_inspect"
-    ok(run("inspect_jepa_model.py", "--checkpoint", cartpole_run, "--out-dir", out, "--device", "cpu"))
+    in_process("inspect_jepa_model.py", "--checkpoint", cartpole_run, "--out-dir", out, "--device", "cpu")
     return json.loads((out / "eval.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def pendulum(work):
-    path = work / "pendulum.npz"
-    ok(run("collect_minigrid_data.py", *flags(PENDULUM), "--out", path))
-    return path
+    return collect(work / "pendulum.npz", **PENDULUM)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +126,7 @@ def pendulum_arrays(pendulum):
 
 
 @pytest.fixture(scope="module")
-def pendulum_runs(work, pendulum):
+def pendulum_runs(work, pendulum, in_process):
     """One tiny checkpoint per architecture trained on Pendulum: {arch: run dir}."""
     commands = {
         "jepa_cnn": ("train_jepa.py", "--latent-dim", "32"),
@@ -142,15 +136,15 @@ def pendulum_runs(work, pendulum):
     runs = {}
     for arch, (script, *args) in commands.items():
         runs[arch] = work / f"pendulum_{arch}"
-        ok(run(script, *args, *TRAIN, "--data", pendulum, "--out-dir", runs[arch]))
+        in_process(script, *args, *TRAIN, "--data", pendulum, "--out-dir", runs[arch])
     return runs
 
 
 @pytest.fixture(scope="module")
-def pendulum_eval(work, pendulum_runs, pendulum):
+def pendulum_eval(work, pendulum_runs, pendulum, in_process):
     out = work / "pendulum_inspect"
     checkpoints = [a for path in pendulum_runs.values() for a in ("--checkpoint", path)]
-    ok(run("inspect_jepa_model.py", *checkpoints, "--data", pendulum, "--out-dir", out, "--device", "cpu"))
+    in_process("inspect_jepa_model.py", *checkpoints, "--data", pendulum, "--out-dir", out, "--device", "cpu")
     return json.loads((out / "eval.json").read_text())
 
 

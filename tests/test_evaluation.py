@@ -309,20 +309,18 @@ def test_evaluated_elsewhere_without_training_provenance():
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
-    """Collector runs through the command line: {name: arrays}, 10 one-step episodes of Empty-8x8
-    from random starts (twice, same seed) and from the env's start, and a few DoorKey episodes."""
+    """{name: arrays}: 10 one-step episodes of Empty-8x8 from random starts (twice, same seed:
+    once through the command line, once in-process) and from the env's start, and a few DoorKey
+    episodes."""
     d = tmp_path_factory.mktemp("collect")
-    empty = ["--env", EMPTY, "--episodes", "10", "--max-steps", "1", "--image-size", "32", "--seed", "0"]
-    runs = {
-        "random": [*empty, "--start", "random"],
-        "random_again": [*empty, "--start", "random"],
-        "env": [*empty, "--start", "env"],
-        # seed 1: the random policy picks the key up and opens the door in these episodes
-        "doorkey": ["--env", DOORKEY, "--episodes", "4", "--max-steps", "60", "--image-size", "40", "--seed", "1", "--actions", "all"],
-    }
-    for name, args in runs.items():
-        ok(run("collect_minigrid_data.py", *args, "--out", d / f"{name}.npz"))
-    return {name: load_npz(d / f"{name}.npz") for name in runs}
+    cli = ["--env", EMPTY, "--episodes", "10", "--max-steps", "1", "--image-size", "32", "--seed", "0", "--start", "random"]
+    ok(run("collect_minigrid_data.py", *cli, "--out", d / "random.npz"))
+    empty = dict(env=EMPTY, episodes=10, max_steps=1, image_size=32, seed=0)
+    collect(d / "random_again.npz", **empty, start="random")
+    collect(d / "env.npz", **empty, start="env")
+    # seed 1: the random policy picks the key up and opens the door in these episodes
+    collect(d / "doorkey.npz", env=DOORKEY, episodes=4, max_steps=60, image_size=40, seed=1, actions="all")
+    return {name: load_npz(d / f"{name}.npz") for name in ("random", "random_again", "env", "doorkey")}
 
 
 def first_steps(arrays):
@@ -431,27 +429,13 @@ def test_place_agent_randomly_returns_the_observation_of_the_new_state(mode):
 
 # ----------------------------------------------------------------------------- inspector, end to end
 
-TRAIN = ["--epochs", "1", "--batch-size", "16", "--log-every", "5", "--device", "cpu", "--seed", "0"]
-VIT = ["--patch-size", "8", "--latent-dim", "32", "--mlp-dim", "64"]
 ARCHS = {"cnn": "jepa_cnn", "vit": "jepa_vit", "encdec": "encdec_vit"}
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("evaluation")
-
-
-@pytest.fixture(scope="module")
-def three_runs(work, tiny_npz):
-    """One tiny checkpoint per architecture, 1 epoch on the shared 32 px data: {name: run dir}."""
-    commands = {
-        "cnn": ("train_jepa.py", "--latent-dim", "32"),
-        "vit": ("train_jepa.py", "--arch", "vit", *VIT, "--jepa-predictor-hidden-dim", "64"),
-        "encdec": ("train_encdec.py", *VIT, "--decoder-dim", "32"),
-    }
-    for name, (script, *args) in commands.items():
-        ok(run(script, *args, *TRAIN, "--data", tiny_npz, "--out-dir", work / name))
-    return {name: work / name for name in commands}
+def three_runs(tiny_run):
+    """The session's one-epoch checkpoint of each architecture on the shared 32 px data: {name: run dir}."""
+    return {name: tiny_run(name)[0] for name in ARCHS}
 
 
 @pytest.fixture(scope="module")

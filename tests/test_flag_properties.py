@@ -350,14 +350,9 @@ def check(c: Case, o: Outcome) -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_npz) -> Inputs:
-    root = tmp_path_factory.mktemp("flag_properties")
-    run = root / "jepa"
-    argv = ["--data", tiny_npz, "--out-dir", run, "--epochs", "1", "--batch-size", "16", "--latent-dim", "16", "--device", "cpu"]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        module, cfg_cls, kw = CLIS["train_jepa"]
-        wm_common.run_cli(module.main, cfg_cls, argv=[str(a) for a in argv], **kw)
-    return Inputs(data=tiny_npz, run=run, root=root / "cases")
+def inputs(tmp_path_factory, tiny_npz, tiny_run) -> Inputs:
+    # the session's shared one-epoch CNN: the stages only read it, each writing under its own --out-dir
+    return Inputs(data=tiny_npz, run=tiny_run("cnn")[0], root=tmp_path_factory.mktemp("flag_properties") / "cases")
 
 
 @pytest.mark.parametrize("c", CASES)

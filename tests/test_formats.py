@@ -58,7 +58,7 @@ def losses(run_dir) -> list[dict[str, str]]:
         return [{k: r[k] for k in ("step", "phase", *TERMS)} for r in csv.DictReader(f)]
 
 
-def test_datacollector_minigrid_trains_and_inspects_like_our_npz(ours, minari_root, tmp_path):
+def test_datacollector_minigrid_trains_and_inspects_like_our_npz(ours, minari_root, tmp_path, in_process):
     mine, _, _ = load_arrays(ours)
     replay_with_datacollector(mine, "minigrid/empty5x5-mine-v0")
     theirs, meta, _ = load_arrays("minigrid/empty5x5-mine-v0")
@@ -71,8 +71,8 @@ def test_datacollector_minigrid_trains_and_inspects_like_our_npz(ours, minari_ro
     reports = {}
     for name, data in (("npz", str(ours)), ("minari", "minigrid/empty5x5-mine-v0")):
         out = tmp_path / name
-        ok(run("train_jepa.py", "--data", data, "--steps", "6", "--batch-size", "16", "--log-every", "2", "--out-dir", out / "run"))
-        ok(run("inspect_jepa_model.py", "--checkpoint", out / "run", "--data", data, "--out-dir", out / "insp", "--probe-horizons", "1"))
+        in_process("train_jepa.py", "--data", data, "--steps", "6", "--batch-size", "16", "--log-every", "2", "--out-dir", out / "run")
+        in_process("inspect_jepa_model.py", "--checkpoint", out / "run", "--data", data, "--out-dir", out / "insp", "--probe-horizons", "1")
         reports[name] = (losses(out / "run"), json.loads((out / "insp" / "eval.json").read_text()))
     assert reports["npz"][0] == reports["minari"][0] and len(reports["npz"][0]) >= 3
     (_, a), (_, b) = reports["npz"], reports["minari"]
@@ -83,7 +83,7 @@ def test_datacollector_minigrid_trains_and_inspects_like_our_npz(ours, minari_ro
     assert model_a["probe"] and not model_b["probe"]  # our collector records positions; a DataCollector's MiniGrid data has none
 
 
-def test_datacollector_cartpole_rendered_frames(minari_root, tmp_path):
+def test_datacollector_cartpole_rendered_frames(minari_root, tmp_path, in_process):
     import gymnasium as gym
 
     class Shrink(gym.ObservationWrapper):
@@ -113,20 +113,18 @@ def test_datacollector_cartpole_rendered_frames(minari_root, tmp_path):
     assert np.bincount(arrays["episode"]).tolist() == lengths
     assert arrays["done"].sum() == 3 and arrays["terminal_obs"].shape == (3, 34, 50, 3)
     assert meta["env"] == "CartPole-v1" and meta["action_space"] == {"type": "discrete", "n": 2}
-    ok(
-        run(
-            "train_jepa.py",
-            "--data",
-            "cartpole/pixels-v0",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--val-fraction",
-            "0.34",
-            "--out-dir",
-            tmp_path / "cp",
-        )
+    in_process(
+        "train_jepa.py",
+        "--data",
+        "cartpole/pixels-v0",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.34",
+        "--out-dir",
+        tmp_path / "cp",
     )
 
 
@@ -205,13 +203,13 @@ def test_export_to_minari_loads_back_equal(ours, minari_root):
     assert back_meta["env"] == meta["env"] and back_meta["config"]["format"] == "minari"
 
 
-def test_export_refuses_to_replace_without_overwrite(minari_root):
+def test_export_refuses_to_replace_without_overwrite(minari_root, in_process):
     args = ("--env", ENV, "--episodes", "1", "--max-steps", "5", "--image-size", SIZE, "--format", "minari", "--out", "wm/once-v0")
-    ok(run("collect_minigrid_data.py", *args))
+    in_process("collect_minigrid_data.py", *args)
     before = sorted(p.name for p in (minari_root / "wm" / "once-v0" / "data").iterdir())
     assert_one_line_error(run("collect_minigrid_data.py", *args), "already exists", "--overwrite")
     assert sorted(p.name for p in (minari_root / "wm" / "once-v0" / "data").iterdir()) == before
-    ok(run("collect_minigrid_data.py", *args, "--overwrite"))
+    in_process("collect_minigrid_data.py", *args, "--overwrite")
     assert not [p for p in minari_root.rglob("*") if ".tmp" in p.name or ".old" in p.name or p.suffix == ".npz"]
 
 
@@ -235,13 +233,13 @@ def test_missing_minari_is_one_line_naming_the_install(monkeypatch):
         dataset_formats.require_minari()
 
 
-def test_tensorboard_holds_the_metrics_csv_values_and_resume_drops_redone_steps(tiny_npz, tmp_path):
+def test_tensorboard_holds_the_metrics_csv_values_and_resume_drops_redone_steps(tiny_npz, tmp_path, in_process):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     args = ("--data", tiny_npz, "--batch-size", "16", "--log-every", "2", "--out-dir", out)
-    ok(run("train_jepa.py", *args, "--epochs", "1"))
-    ok(run("train_jepa.py", *args, "--epochs", "2", "--resume"))
+    in_process("train_jepa.py", *args, "--epochs", "1")
+    in_process("train_jepa.py", *args, "--epochs", "2", "--resume")
     board = EventAccumulator(str(out))
     board.Reload()
     with open(out / "metrics.csv") as f:

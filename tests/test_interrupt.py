@@ -31,10 +31,10 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    """The same run, never stopped."""
+def reference(data, tmp_path_factory, in_process):
+    """The same run, never stopped (in this process: only a run that is stopped needs a process of its own)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    ok(run("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4"))
+    in_process("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4")
     return out
 
 
@@ -71,7 +71,7 @@ def assert_same_as(reference, out) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_signal_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data, reference, sig):
+def test_signal_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data, reference, sig, in_process):
     out = tmp_path / "run"
     code, stdout, stderr = signal_after(start(data, out, "--log-every", "4"), "Step 00008", sig)
     assert code == 128 + sig, (code, stdout, stderr)
@@ -79,11 +79,11 @@ def test_signal_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(tmp_path
     ckpt = torch.load(out / "model.pt", weights_only=True)
     # stopped within a step or two of the signal: mid-epoch, unless a loaded machine let it reach the epoch's end
     assert 8 <= ckpt["step"] < 70 and ckpt["batch_in_epoch"] == ckpt["step"] - 35 * ckpt["epoch"]
-    ok(run("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4", "--resume"))
+    in_process("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4", "--resume")
     assert_same_as(reference, out)
 
 
-def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, data, reference):
+def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, data, reference, in_process):
     """SIGKILL cannot be caught: what survives is the last --save-every checkpoint, taken
     mid-window (steps 9-10 of a 4-step log window), and the resumed run still logs every row the
     uninterrupted one did."""
@@ -92,7 +92,7 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, data, re
     assert code == -signal.SIGKILL
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["step"] < 70 and (ckpt["step"] % 10 == 0 or ckpt["batch_in_epoch"] == 0)  # periodic or epoch end
-    ok(run("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4", "--resume"))
+    in_process("train_jepa.py", "--data", data, "--out-dir", out, *RUN, "--log-every", "4", "--resume")
     assert_same_as(reference, out)
 
 
@@ -196,7 +196,7 @@ def test_interrupted_collection_keeps_its_shards_and_resume_gives_the_same_data(
         collect_in_process(out)
     with pytest.raises(UserError, match="--seed differ"):
         collect_in_process(out, "--resume", "--seed", "3")
-    ok(run("collect_minigrid_data.py", *COLLECT, "--out", out, "--resume", "--shard-mb", "0.2"))
+    collect_in_process(out, "--resume", "--shard-mb", "0.2")
     assert not parts.exists()
     a, b = arrays_of(ref), arrays_of(out)
     assert a.keys() == b.keys()

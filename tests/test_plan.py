@@ -32,7 +32,6 @@ STATES = [(x, y, d) for y in range(1, SIDE - 1) for x in range(1, SIDE - 1) for 
 INDEX = {s: i for i, s in enumerate(STATES)}
 GOAL_STATES = [(*GOAL, d) for d in range(4)]
 STARTS = [s for s in STATES if s[:2] != GOAL]
-TRAIN = ["--batch-size", "16", "--log-every", "5", "--device", "cpu", "--seed", "0", "--epochs", "1"]
 CONTRACT_KEYS = {"success_rate", "random_success_rate", "mean_steps", "oracle_mean_steps", "episodes", "env", "horizon", "planner"}
 
 
@@ -383,34 +382,28 @@ def test_edge_accuracy_on_real_frames(tiny_npz):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("plan")
+def checkpoint(tiny_run):
+    """The session's one-epoch CNN JEPA on the shared tiny data (read only)."""
+    return tiny_run("cnn")[0]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(work, tiny_npz):
-    run_dir = work / "jepa"
-    ok(run("train_jepa.py", "--data", tiny_npz, "--out-dir", run_dir, *TRAIN))
-    return run_dir
+def plan_args(checkpoint, out, *extra):
+    return ("--checkpoint", checkpoint, "--episodes", "3", "--out-dir", out, "--max-steps", "30", "--device", "cpu", *extra)
 
 
 def plan(checkpoint, out, *extra):
-    common = ("--episodes", "3", "--out-dir", out, "--max-steps", "30", "--device", "cpu")
-    return run("plan_with_world_model.py", "--checkpoint", checkpoint, *common, *extra)
+    return run("plan_with_world_model.py", *plan_args(checkpoint, out, *extra))
 
 
 @pytest.fixture(scope="module")
-def planned(work, checkpoint):
-    """Three runs: graph cost (twice, same seed) and latent cost with CEM."""
-    out = {}
-    for name, extra in {
-        "graph": (),
-        "graph_again": (),
-        "cem": ("--cost", "latent", "--planner", "cem", "--horizon", "4", "--samples", "32", "--elites", "8", "--iterations", "2"),
-    }.items():
-        ok(plan(checkpoint, work / name, *extra))
-        out[name] = work / name
-    return out
+def planned(work, checkpoint, in_process):
+    """Three runs: graph cost (twice, same seed: the second in this process, so the two also
+    agree across processes) and latent cost with CEM."""
+    cem = ("--cost", "latent", "--planner", "cem", "--horizon", "4", "--samples", "32", "--elites", "8", "--iterations", "2")
+    ok(plan(checkpoint, work / "graph"))
+    in_process("plan_with_world_model.py", *plan_args(checkpoint, work / "graph_again"))
+    ok(plan(checkpoint, work / "cem", *cem))
+    return {name: work / name for name in ("graph", "graph_again", "cem")}
 
 
 def check_report(out, planner, horizon):
@@ -527,13 +520,13 @@ def test_cli_bad_inputs(work, checkpoint, good_out, bad_goal, args, fragments):
     assert {p.name: p.read_bytes() for p in good_out.iterdir()} == before
 
 
-def test_cli_goal_obs_plans_to_the_given_image(work, checkpoint):
+def test_cli_goal_obs_plans_to_the_given_image(work, checkpoint, in_process):
     env, _ = make_env(ENV, "rgb", 32)
     env.reset(seed=0)
     path = work / "goal.npy"
     np.save(path, goal_frames(env, 32)[0])
     out = work / "goal_obs"
-    ok(plan(checkpoint, out, "--goal-obs", path, "--max-steps", "5"))
+    in_process("plan_with_world_model.py", *plan_args(checkpoint, out, "--goal-obs", path, "--max-steps", "5"))
     assert json.loads((out / "plan.json").read_text())["config"]["goal_obs"] == str(path)
 
 

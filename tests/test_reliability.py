@@ -180,9 +180,18 @@ def bad_npz(w: World, tmp: Path, drop: tuple[str, ...] = (), **changes: np.ndarr
     return write_npz(tmp / "bad.npz", **arrays)
 
 
-def truncated(src: Path, dst: Path) -> Path:
+def truncated(src: Path, dst: Path, end: int | None = None) -> Path:
+    """The first half of src (or its bytes up to `end`) as dst."""
     raw = src.read_bytes()
-    dst.write_bytes(raw[: len(raw) // 2])
+    dst.write_bytes(raw[: len(raw) // 2 if end is None else end])
+    return dst
+
+
+def zeroed_middle(src: Path, dst: Path) -> Path:
+    """src with 64 bytes in its middle zeroed: a real zip whose member's contents are damaged."""
+    raw = bytearray(src.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    dst.write_bytes(bytes(raw))
     return dst
 
 
@@ -200,7 +209,12 @@ def damaged_dir(w: World, tmp: Path, damage: Callable[[Path], object]) -> Path:
 
 
 def with_action(w: World, row: int, value: int) -> np.ndarray:
-    a = w.arrays["action"].copy()
+    return poked(w, "action", row, value)
+
+
+def poked(w: World, key: str, row: int, value: int) -> np.ndarray:
+    """The good dataset's `key` array with one row set to `value`."""
+    a = w.arrays[key].copy()
     a[row] = value
     return a
 
@@ -213,6 +227,19 @@ def twelve_actions(w: World, tmp: Path) -> Path:
     """The good frames with a 9 among the actions and a recorded space of 12 (the model has 7)."""
     meta = {"env": "MiniGrid-Empty-8x8-v0", "action_space": {"type": "discrete", "n": 12}}
     return bad_npz(w, tmp, action=with_action(w, 3, 9), meta=np.array(json.dumps(meta)))
+
+
+def legacy_with_short_next_obs(w: World, tmp: Path) -> Path:
+    """Seed 003's layout (a full next_obs array) whose next_obs has one frame fewer than obs."""
+    kept = {k: w.arrays[k] for k in ("obs", "action", "reward", "done")}
+    return write_npz(tmp / "bad.npz", next_obs=w.arrays["obs"][:-1], **kept)
+
+
+def empty_npz(tmp: Path) -> Path:
+    """Every array a transitions file needs, each with no rows, and no meta."""
+    frames = np.zeros((0, 32, 32, 3), np.uint8)
+    rows = dict(action=np.zeros(0, np.int64), reward=np.zeros(0, np.float32), done=np.zeros(0, bool), episode=np.zeros(0, np.int64))
+    return write_npz(tmp / "empty.npz", obs=frames, terminal_obs=frames, next_obs_index=np.zeros(0, np.int64), **rows)
 
 
 def small_collection(tmp: Path, **kw) -> Path:
@@ -310,16 +337,36 @@ CASES = [
     # --- data files ----------------------------------------------------------------------------
     case("truncated_npz", "train_jepa", lambda w, t: train(w, t, truncated(w.data, t / "cut.npz")), "cut.npz", "collect_minigrid_data.py"),
     case(
+        "truncated_npz_tail",
+        "summary",
+        lambda w, t: [truncated(w.data, t / "tail.npz", -100)],
+        "tail.npz is not a readable .npz",
+        "collect_minigrid_data.py",
+    ),
+    case(
+        "truncated_npz_header",
+        "summary",
+        lambda w, t: [truncated(w.data, t / "head.npz", 40)],
+        "head.npz is not a readable .npz",
+        "collect_minigrid_data.py",
+    ),
+    case("zip_member_damaged", "summary", lambda w, t: [zeroed_middle(w.data, t / "flipped.npz")], "flipped.npz is not a readable .npz"),
+    case(
         "random_bytes_npz",
         "train_jepa",
         lambda w, t: train(w, t, random_bytes(t / "noise.npz")),
         "noise.npz",
         "not an .npz (not a zip archive)",
+        "re-run collect_minigrid_data.py",
     ),
     case("empty_file_npz", "summary", lambda w, t: [random_bytes(t / "empty.npz", 0)], "empty.npz", "not an .npz (empty)"),
     case("missing_data_file", "train_jepa", lambda w, t: train(w, t, t / "nowhere.npz"), "nowhere.npz", "not found"),
     case("wrong_keys", "train_jepa", lambda w, t: train(w, t, write_npz(t / "weights.npz", w1=np.zeros(3))), "lacks keys", "has w1"),
     case("missing_next_obs_keys", "summary", lambda w, t: [bad_npz(w, t, drop=("next_obs_index",))], "lacks keys next_obs"),
+    *(
+        case(f"missing_key_{key}", "summary", lambda w, t, key=key: [bad_npz(w, t, drop=(key,))], f"lacks keys {key} (has")
+        for key in ("obs", "action", "reward", "done")
+    ),
     case(
         "pickled_object_array_in_npz",
         "train_jepa",
@@ -330,6 +377,13 @@ CASES = [
     case("checkpoint_as_data", "train_jepa", lambda w, t: train(w, t, w.jepa / "model.pt"), "model.pt", "lacks keys"),
     case("run_dir_as_data", "summary", lambda w, t: [w.jepa], "directory without .npy arrays"),
     case("float_obs", "train_jepa", lambda w, t: train(w, t, bad_npz(w, t, obs=w.arrays["obs"] / 255.0)), "'obs' must be uint8", "float64"),
+    case(
+        "float32_obs",
+        "summary",
+        lambda w, t: [bad_npz(w, t, obs=w.arrays["obs"].astype(np.float32) / 255)],
+        "'obs' must be uint8",
+        "float32",
+    ),
     case(
         "float_discrete_actions",
         "train_jepa",
@@ -357,7 +411,27 @@ CASES = [
         lambda w, t: train(w, t, bad_npz(w, t, reward=w.arrays["reward"].astype(np.complex64))),
         "'reward' must be numbers",
     ),
-    case("obs_3d", "train_jepa", lambda w, t: train(w, t, bad_npz(w, t, obs=w.arrays["obs"][..., 0])), "[N,H,W,C]", "[240, 32, 32]"),
+    case(
+        "obs_3d",
+        "train_jepa",
+        lambda w, t: train(w, t, bad_npz(w, t, obs=w.arrays["obs"][..., 0])),
+        "'obs' must be uint8 frames [N,H,W,C]",
+        "[240, 32, 32]",
+    ),
+    case(
+        "obs_scalar",
+        "summary",
+        lambda w, t: [bad_npz(w, t, obs=np.array(3, np.uint8))],
+        "'obs' must be uint8 frames [N,H,W,C]",
+        "got uint8 []",
+    ),
+    case(
+        "terminal_obs_smaller_than_obs",
+        "summary",
+        lambda w, t: [bad_npz(w, t, terminal_obs=w.arrays["terminal_obs"][:, :16])],
+        "'terminal_obs' must be uint8 frames like 'obs'",
+    ),
+    case("legacy_next_obs_rows_differ", "summary", lambda w, t: [legacy_with_short_next_obs(w, t)], "'next_obs' must match 'obs'"),
     case(
         "obs_zero_size_frames",
         "train_jepa",
@@ -372,16 +446,46 @@ CASES = [
     ),
     case("action_scalar", "summary", lambda w, t: [bad_npz(w, t, action=np.array(3))], "'action' must be [N]"),
     case(
+        "reward_rows_differ",
+        "summary",
+        lambda w, t: [bad_npz(w, t, reward=w.arrays["reward"][:-1])],
+        "'reward' must have shape [240], got [239]",
+    ),
+    case(
         "next_obs_index_out_of_range",
         "train_jepa",
         lambda w, t: train(w, t, bad_npz(w, t, next_obs_index=w.arrays["next_obs_index"] + len(w.arrays["terminal_obs"]))),
         "'next_obs_index' points outside the stored frames",
     ),
     case(
+        "next_obs_index_one_past_the_end",
+        "summary",
+        lambda w, t: [bad_npz(w, t, next_obs_index=poked(w, "next_obs_index", 3, len(w.arrays["obs"]) + len(w.arrays["terminal_obs"])))],
+        "'next_obs_index' points outside the stored frames",
+    ),
+    case(
+        "negative_next_obs_index",
+        "summary",
+        lambda w, t: [bad_npz(w, t, next_obs_index=poked(w, "next_obs_index", 3, -1))],
+        "'next_obs_index' points outside the stored frames",
+    ),
+    case(
+        "next_obs_index_rows_differ",
+        "summary",
+        lambda w, t: [bad_npz(w, t, next_obs_index=w.arrays["next_obs_index"][:-1])],
+        "'next_obs_index' must be integers [N=240]",
+    ),
+    case(
         "episode_ids_wrong_length",
         "train_jepa",
         lambda w, t: train(w, t, bad_npz(w, t, episode=w.arrays["episode"][1:])),
         "'episode' must be integers",
+    ),
+    case(
+        "agent_pos_one_column",
+        "summary",
+        lambda w, t: [bad_npz(w, t, agent_pos=w.arrays["agent_pos"][:, 0])],
+        "'agent_pos' must have shape [240, 2]",
     ),
     case(
         "agent_pos_strings",
@@ -395,6 +499,7 @@ CASES = [
         lambda w, t: train(w, t, bad_npz(w, t, **{k: v[:0] for k, v in w.arrays.items() if k != "meta"})),
         "holds no transitions",
     ),
+    case("empty_dataset_without_meta", "summary", lambda w, t: [empty_npz(t)], "empty.npz holds no transitions"),
     case(
         "dataset_smaller_than_one_batch",
         "train_jepa",
@@ -414,7 +519,20 @@ CASES = [
         lambda w, t: train(w, t, bad_npz(w, t, action=with_action(w, 5, 7))),
         "outside the recorded action space of 7",
     ),
-    case("negative_action", "summary", lambda w, t: [bad_npz(w, t, action=with_action(w, 0, -1))], "actions range -1.."),
+    case(
+        "action_far_outside_recorded_action_space",
+        "summary",
+        lambda w, t: [bad_npz(w, t, action=with_action(w, 5, 100))],
+        "actions range 0..100",
+        "outside the recorded action space of 7",
+    ),
+    case(
+        "negative_action",
+        "summary",
+        lambda w, t: [bad_npz(w, t, action=with_action(w, 0, -1))],
+        "actions range -1..",
+        "outside the recorded action space of 7",
+    ),
     case(
         "huge_action_ids_without_action_space",
         "train_jepa",
@@ -432,6 +550,18 @@ CASES = [
     ),
     case(
         "meta_not_json", "train_jepa", lambda w, t: train(w, t, bad_npz(w, t, meta=np.array("{env: oops"))), "'meta' entry that is not JSON"
+    ),
+    case(
+        "meta_not_an_object",
+        "summary",
+        lambda w, t: [bad_npz(w, t, meta=np.array(json.dumps([1, 2])))],
+        "'meta' entry that is not a JSON object",
+    ),
+    case(
+        "pickled_object_meta",
+        "summary",
+        lambda w, t: [bad_npz(w, t, meta=np.array([{"env": "x"}], dtype=object))],
+        "bad.npz is not a readable .npz",
     ),
     case(
         "meta_action_space_not_an_object",

@@ -137,11 +137,11 @@ def test_a_directory_of_datasets_loads_as_one_without_copying_frames(tmp_path):
     assert torch.equal(whole.__getitems__(shuffled)["obs"], torch.from_numpy(whole.obs.numpy()[shuffled]))
 
 
-def test_training_reads_a_directory_of_shards(tmp_path):
+def test_training_reads_a_directory_of_shards(tmp_path, in_process):
     root = tmp_path / "big"
     for i in range(2):
         collect(root / f"part{i}", seed=i * 100, episodes=4)
-    ok(run("train_jepa.py", "--data", root, "--epochs", "1", "--batch-size", "16", "--out-dir", tmp_path / "run"))
+    in_process("train_jepa.py", "--data", root, "--epochs", "1", "--batch-size", "16", "--out-dir", tmp_path / "run")
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["data_meta"]["shards"] == 2
 
 
