@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from wm_common import atomic_write, check_writable_dir, fail, run_cli, write_json
+from wm_common import atomic_write, check_writable_dir, fail, replace_between, run_cli, write_json
 
 # variant -> the train_jepa.py flags that differ from its defaults
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -154,15 +154,6 @@ def table(results: dict[str, list[dict[str, Any]]], cfg: AblationConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_between_markers(path: Path, text: str) -> None:
-    doc = path.read_text()
-    start, end = doc.find(MARKERS[0]), doc.find(MARKERS[1])
-    if start < 0 or end < start:
-        fail(f"{path} has no {MARKERS[0]} ... {MARKERS[1]} block to put the table in")
-    new = doc[: start + len(MARKERS[0])] + "\n" + text + doc[end:]
-    atomic_write(path, lambda p: p.write_text(new))
-
-
 def main(cfg: AblationConfig) -> dict[str, Any]:
     names = cfg.variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -186,7 +177,7 @@ def main(cfg: AblationConfig) -> dict[str, Any]:
     text = table(results, cfg)
     atomic_write(out / "ablation.md", lambda p: p.write_text(text))
     if cfg.readme:
-        replace_between_markers(Path(cfg.readme), text)
+        replace_between(Path(cfg.readme), *MARKERS, text)
     print(text)
     return summary
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wm_common import atomic_write, fail, run_cli
+from wm_common import atomic_write, fail, replace_between, run_cli
 
 ROOT = Path(__file__).resolve().parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -59,14 +59,8 @@ class DocsConfig:
 
 
 def replace_generated(path: Path, name: str, text: str) -> None:
-    """Puts `text` between the block's two marker lines in `path`, keeping the markers."""
-    doc = path.read_text()
-    start_mark, end_mark = f"{GENERATED[0]}{name} -->", f"{GENERATED[1]}{name} -->"
-    start, end = doc.find(start_mark), doc.find(end_mark)
-    if start < 0 or end < start:
-        fail(f"{path} has no {start_mark} ... {end_mark} block")
-    new = doc[: start + len(start_mark)] + "\n" + text + "\n" + doc[end:]
-    atomic_write(path, lambda p: p.write_text(new))
+    """Puts `text` into the doc's generated block `name`, keeping its markers."""
+    replace_between(path, f"{GENERATED[0]}{name} -->", f"{GENERATED[1]}{name} -->", text)
 
 
 class Runner:

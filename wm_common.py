@@ -402,6 +402,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def replace_between(path: Path, start_mark: str, end_mark: str, text: str) -> None:
+    """Puts `text` between two marker lines of a text file (the docs' generated blocks), keeping
+    the markers; a file without them is a user error and is not touched."""
+    doc = path.read_text()
+    start, end = doc.find(start_mark), doc.find(end_mark)
+    if start < 0 or end < start:
+        fail(f"{path} has no {start_mark} ... {end_mark} block")
+    new = doc[: start + len(start_mark)] + "\n" + text.rstrip("\n") + "\n" + doc[end:]
+    atomic_write(path, lambda p: p.write_text(new))
+
+
 def write_error(e: BaseException) -> str:
     """Why a write failed, in a few words (a full disk says so)."""
     if isinstance(e, OSError) and e.errno is not None:
