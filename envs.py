@@ -196,33 +196,47 @@ def goal_frames(env, image_size: int | None, channels: int = 3) -> np.ndarray:
     return model_frames(np.stack(frames), image_size, channels)
 
 
-def oracle_steps(base) -> dict[tuple[int, int, int], int]:
-    """Shortest number of left/right/forward steps from every (x, y, dir) to the goal cell on
-    the true grid (breadth-first search backwards from the goal)."""
+def nav_moves(base) -> dict[tuple[int, int, int], tuple[tuple[int, int, int], ...]]:
+    """Every passable (x, y, dir) of the true grid and where left, right and forward take it
+    (forward into a wall, a closed door or lava stays put)."""
     from minigrid.core.constants import DIR_TO_VEC
-
-    gx, gy = goal_position(base)
 
     def passable(x: int, y: int) -> bool:
         cell = base.grid.get(x, y)
         return cell is None or (cell.can_overlap() and cell.type != "lava")
 
     states = [(x, y, d) for x in range(base.width) for y in range(base.height) for d in range(4) if passable(x, y)]
-    preds: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {s: [] for s in states}
+    moves = {}
     for x, y, d in states:
         dx, dy = DIR_TO_VEC[d]
         ahead = (x + dx, y + dy, d) if passable(x + dx, y + dy) else (x, y, d)
-        for nxt in ((x, y, (d - 1) % 4), (x, y, (d + 1) % 4), ahead):
-            preds[nxt].append((x, y, d))
-    dist = {(gx, gy, d): 0 for d in range(4)} if (gx, gy) != (-1, -1) else {}
+        moves[(x, y, d)] = ((x, y, (d - 1) % 4), (x, y, (d + 1) % 4), ahead)
+    return moves
+
+
+def steps_to(moves: dict, cell: tuple[int, int]) -> dict[tuple[int, int, int], int]:
+    """Shortest number of left/right/forward steps from every (x, y, dir) to `cell` (any
+    direction), by breadth-first search backwards over `nav_moves`; unreachable states are absent."""
+    preds: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {s: [] for s in moves}
+    for s, nexts in moves.items():
+        for nxt in nexts:
+            preds[nxt].append(s)
+    dist = {(*cell, d): 0 for d in range(4) if (*cell, d) in moves}
     queue = deque(dist)
     while queue:
         s = queue.popleft()
-        for p in preds.get(s, []):
+        for p in preds[s]:
             if p not in dist:
                 dist[p] = dist[s] + 1
                 queue.append(p)
     return dist
+
+
+def oracle_steps(base) -> dict[tuple[int, int, int], int]:
+    """Shortest number of left/right/forward steps from every (x, y, dir) to the goal cell on
+    the true grid."""
+    goal = goal_position(base)
+    return steps_to(nav_moves(base), goal) if goal != (-1, -1) else {}
 
 
 def action_label(env_id: str, action) -> str:

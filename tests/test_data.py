@@ -209,12 +209,36 @@ def test_same_seed_identical_different_seed_different(tmp_path):
         ({"env": "CartPole-v1", "actions": "nav"}, "not a MiniGrid env"),
         ({"frame_skip": 2}, "--frame-skip is for non-MiniGrid envs"),
         ({"env": "CartPole-v1", "frame_skip": 0}, "--frame-skip must be at least 1"),
+        ({"policy_noise": -0.1}, "--policy-noise is a probability"),
+        ({"policy_noise": 1.5}, "--policy-noise is a probability"),
+        ({"policy_noise": float("nan")}, "--policy-noise is a probability"),
+        ({"env": "CartPole-v1", "policy": "waypoints"}, "not a MiniGrid env"),
     ],
 )
 def test_collector_bad_config_is_user_error(tmp_path, overrides, match):
     with pytest.raises(UserError, match=match):
         collect(tmp_path / "x.npz", **overrides)
     assert not (tmp_path / "x.npz").exists()
+
+
+def cells_per_episode(data: dict[str, np.ndarray]) -> float:
+    return float(np.mean([len({tuple(p) for p in data["agent_pos"][data["episode"] == e]}) for e in np.unique(data["episode"])]))
+
+
+def test_waypoint_walks_travel(tmp_path):
+    """Without noise every step of a waypoint walk turns or moves (a shortest path never bumps
+    into a wall) and the walk covers more cells than independent random actions. meta says which
+    policy made the data."""
+    flags = {"actions": "nav", "episodes": 6, "max_steps": 60, "start": "random", "env": "MiniGrid-SimpleCrossingS9N1-v0"}
+    plain = load_npz(collect(tmp_path / "plain.npz", **flags))
+    walk = load_npz(collect(tmp_path / "walk.npz", policy="waypoints", policy_noise=0.0, **flags))
+    state = np.column_stack([walk["agent_pos"], walk["agent_dir"]])
+    same_episode = walk["episode"][1:] == walk["episode"][:-1]
+    assert (state[1:] != state[:-1]).any(1)[same_episode].all()
+    assert cells_per_episode(walk) > 1.5 * cells_per_episode(plain)
+    meta, plain_meta = json.loads(str(walk["meta"])), json.loads(str(plain["meta"]))
+    assert meta["policy"].startswith("shortest paths to random cells") and meta["policy_noise"] == 0.0
+    assert plain_meta["policy"].startswith("uniform random") and "policy_noise" not in plain_meta
 
 
 def test_collector_out_must_be_npz(tmp_path):
