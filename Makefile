@@ -46,7 +46,7 @@ lock:
 
 # collect -> summarise -> train the CNN JEPA -> inspect: a few minutes on a 2-core CPU
 demo: setup
-	$(BIN)/python collect_minigrid_data.py --env MiniGrid-Empty-8x8-v0 --episodes $(DEMO_EPISODES) --actions nav --seed 0 --out $(DEMO_DATA) --overwrite
+	$(BIN)/python collect_minigrid_data.py --env MiniGrid-Empty-8x8-v0 --episodes $(DEMO_EPISODES) --actions nav --through-goal --max-steps 200 --seed 0 --out $(DEMO_DATA) --overwrite
 	$(BIN)/python minigrid_dataset.py $(DEMO_DATA)
 	$(BIN)/python train_jepa.py --arch cnn --data $(DEMO_DATA) --epochs $(DEMO_EPOCHS) --seed 0 --out-dir checkpoints/jepa_cnn --overwrite
 	$(BIN)/python inspect_jepa_model.py --checkpoint checkpoints/jepa_cnn --data $(DEMO_DATA) --out-dir inspection

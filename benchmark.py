@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import multiprocessing
 import os
 import statistics
@@ -326,7 +327,9 @@ def check_flags(cfg: BenchConfig) -> None:
 
 
 def summary_rows(result: dict) -> list[tuple[str, float, str]]:
-    """(what, ratio, detail) for each measurement, as main prints them."""
+    """(what, ratio, detail) for each measurement, as main prints them, from the results or from
+    bench.json (whose keys, process and step counts among them, are strings: so are they here)."""
+    result = json.loads(json.dumps(result))
     col, par, vec, unroll, ddp, dat = (
         result[k] for k in ("collect", "collect_parallel", "collect_vector_env", "train_unroll", "train_ddp", "data")
     )
@@ -345,7 +348,7 @@ def summary_rows(result: dict) -> list[tuple[str, float, str]]:
         (
             f"collect: --num-envs {par['num_envs']} speed-up over 1 (target >= 1.3)",
             par["speedup"],
-            f"{par['episodes']} episodes: {par['seconds'][1]:.1f} s vs {par['seconds'][par['num_envs']]:.1f} s",
+            f"{par['episodes']} episodes: {par['seconds']['1']:.1f} s vs {par['seconds'][str(par['num_envs'])]:.1f} s",
         ),
         (
             f"collect: gymnasium AsyncVectorEnv({vec['num_envs']}) over one env, bare",
@@ -363,12 +366,12 @@ def summary_rows(result: dict) -> list[tuple[str, float, str]]:
         (
             f"train jepa_cnn: --unroll {unroll['unroll']} step / {unroll['unroll']} one-step steps (target <= 1.2)",
             unroll["over_k_one_step"],
-            f"{1e3 * unroll['seconds_per_step'][unroll['unroll']]:.0f} ms vs {1e3 * unroll['seconds_per_step'][1]:.0f} ms",
+            f"{1e3 * unroll['seconds_per_step'][str(unroll['unroll'])]:.0f} ms vs {1e3 * unroll['seconds_per_step']['1']:.0f} ms",
         ),
         (
             f"train jepa_cnn: DDP {ddp.get('processes')} processes / 1 (same global batch)",
             ddp.get("speedup", float("nan")),
-            ddp.get("error") or f"{ddp['samples_per_s'][1]:.0f} vs {ddp['samples_per_s'][ddp['processes']]:.0f} samples/s",
+            ddp.get("error") or f"{ddp['samples_per_s']['1']:.0f} vs {ddp['samples_per_s'][str(ddp['processes'])]:.0f} samples/s",
         ),
         (
             "data: RAM / uint8 frame bytes (target <= 1.1)",

@@ -466,3 +466,8 @@ def test_benchmark_smoke(tmp_path):
             v = res[section][key]
             assert_finite_number(v, (section, key))
             assert v > 0, (section, key, v)
+    # the docs' table is built from bench.json as read back (its dict keys are strings)
+    from benchmark import summary_rows
+
+    rows = summary_rows(res)
+    assert len(rows) >= 10 and all(isinstance(name, str) and detail is not None for name, _, detail in rows)
