@@ -103,7 +103,13 @@ class PlanConfig:
         default=0.5,
         metadata={"help": "imagined: two imagined states are one when closer than this share of the shortest real step"},
     )
-    max_nodes: int = field(default=3000, metadata={"help": "imagined: most states one search imagines"})
+    max_nodes: int = field(
+        default=0,
+        metadata={
+            "help": "imagined: most states one search imagines (0: 8 per position of a spatial latent's map, twice the states of "
+            "an agent with 4 headings on every cell; 3000 for other latents)"
+        },
+    )
     start: str = field(
         default="random",
         metadata={"help": "env: the env's own start; random: a random empty cell and direction", "choices": ["env", "random"]},
@@ -393,9 +399,11 @@ def _fmt(v: float | None) -> str:
 
 
 def check_plan_flags(cfg: PlanConfig) -> None:
-    for name in ("episodes", "horizon", "samples", "iterations", "elites", "max_nodes"):
+    for name in ("episodes", "horizon", "samples", "iterations", "elites"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_nodes < 0:
+        fail(f"--max-nodes must be at least 1 (or 0: sized from the model's latent), got {cfg.max_nodes}")
     if not 0 < cfg.merge < 1:
         fail(f"--merge must be between 0 and 1 (a share of one step's distance), got {cfg.merge}")
     if cfg.elites > cfg.samples:

@@ -227,6 +227,9 @@ def first_of_each(vec: torch.Tensor, candidates: torch.Tensor, radius: float, im
     return kept
 
 
+DEFAULT_MAX_NODES = 3000  # an imagined search's size when the latent has no map to size it by
+
+
 class ImaginedGraph:
     """A map drawn by the model alone, from the current frame: breadth-first, every known state is
     stepped by every action, and a prediction within `merge` of a known state is that state
@@ -236,10 +239,17 @@ class ImaginedGraph:
     them. No dataset frame is needed: this plans on layouts the model never saw.
 
     The merge radius is relative: `merge` times the shortest real step from the current state
-    (see `step_scale`), so it needs no tuning per model."""
+    (see `step_scale`), so it needs no tuning per model. So is the size of a search (`max_nodes`
+    0): a spatial latent's map has h x w positions, an agent on one of them faces one of 4 ways,
+    and a map of more than twice those states has split states it should have merged; growing it
+    further costs time (each new state is compared with every known one). (Measured on held-out
+    SimpleCrossing layouts, 9x9 maps: the slow episodes, 20-70 s, were those whose searches ran to
+    a fixed cap of 3,000 states.)"""
 
-    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
-        self.imagination, self.actions, self.merge, self.max_nodes = imagination, torch.tensor(actions), merge, max_nodes
+    def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int = 0):
+        self.imagination, self.actions, self.merge = imagination, torch.tensor(actions), merge
+        cells = imagination.cells
+        self.max_nodes = max_nodes or (8 * cells[1] * cells[2] if cells else DEFAULT_MAX_NODES)
         self.nodes, self.radius, self.reached = 0, 0.0, False  # of the last search
 
     @torch.no_grad()

@@ -219,6 +219,7 @@ accept(PLANS, "episodes", "huge", "episodes to plan: the progress bar shows each
 other_planner = "another planner's setting: this one does not use it, and says so"
 accept("plan_exhaustive", "samples iterations max_nodes", "huge", other_planner, note=True)
 accept("plan_cem", "max_nodes", "huge", other_planner, note=True)
+accept(PLANS, "max_nodes", "0", "the default: a search's size taken from the model's latent (8 per position of a spatial map)")
 accept("plan_imagined", "horizon samples iterations", "huge", other_planner, note=True)
 accept("ablation", "steps", "huge", "the budget each run gets from train_jepa.py --steps (see there)")
 

@@ -16,7 +16,7 @@ from conftest import assert_one_line_error, load_npz, ok, run
 
 from envs import current_obs, goal_frames, goal_position, make_env, oracle_steps, resize_frames
 from plan_with_world_model import PlanConfig, evaluated_layouts, load_goal_image
-from planners import UNREACHABLE, Imagination, LatentGraph, make_planner
+from planners import DEFAULT_MAX_NODES, UNREACHABLE, Imagination, ImaginedGraph, LatentGraph, make_planner
 from wm_common import UserError
 
 CPU = torch.device("cpu")
@@ -253,6 +253,16 @@ def test_without_a_path_to_the_goal_the_imagined_planner_has_no_cost_to_go():
     planner = planner_for(imag, None, planner="imagined")
     planner.act(frame((1, 1, 0)))
     assert not planner.imagined.reached and math.isnan(planner.cost_to_go)
+
+
+def test_imagined_search_size_is_taken_from_the_latent_map():
+    """--max-nodes 0: 8 states per position of a spatial latent's map (4 headings, twice over),
+    3000 for a latent without one; a value given is kept."""
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    assert ImaginedGraph(imag, [0, 1, 2], 0.5).max_nodes == DEFAULT_MAX_NODES == 3000
+    imag.cells = (16, 4, 4)  # as a spatial latent: 16 channels on a 4x4 map
+    assert ImaginedGraph(imag, [0, 1, 2], 0.5).max_nodes == 8 * 4 * 4
+    assert ImaginedGraph(imag, [0, 1, 2], 0.5, max_nodes=7).max_nodes == 7
 
 
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
