@@ -529,6 +529,8 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
     bar.close()
     report = make_report(cfg, ckpt, env, env_id, cost, (planned, random_runs), graph_report)
+    if cfg.planner == "imagined":  # the search's size as used: --max-nodes 0 sizes it from the latent
+        report["config"].update(merge=cfg.merge, max_nodes=planner.imagined.max_nodes)
     write_json(out / "plan.json", report)
     draw(env_id, env, planned, out / "plan.png")
     save_gif(film, out / "plan.gif")

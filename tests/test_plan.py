@@ -416,6 +416,19 @@ def planned(work, checkpoint, in_process):
     return {name: work / name for name in ("graph", "graph_again", "cem")}
 
 
+def test_imagined_planner_end_to_end_records_its_search_size(work, checkpoint):
+    """--planner imagined through the CLI: the contract keys, its own cost, and the search size it
+    used (the tiny checkpoint's latent is a vector, not a map: the fixed default)."""
+    out = work / "imagined"
+    ok(plan(checkpoint, out, "--planner", "imagined"))
+    report = json.loads((out / "plan.json").read_text())
+    assert CONTRACT_KEYS <= set(report) and report["cost"] == "imagined_steps"
+    assert report["config"]["max_nodes"] == DEFAULT_MAX_NODES and report["config"]["merge"] == 0.5
+    d = report["diagnostics"]
+    assert d["states"] == sum(e["steps"] for e in report["per_episode"])
+    assert 0 <= d["states_with_imagined_path"] <= d["states"]
+
+
 def check_report(out, planner, horizon):
     report = json.loads((out / "plan.json").read_text())
     assert CONTRACT_KEYS <= set(report), CONTRACT_KEYS - set(report)
