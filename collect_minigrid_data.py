@@ -646,6 +646,8 @@ def check_flags(cfg: CollectConfig) -> None:
         fail(f"--frame-skip must be at least 1, got {cfg.frame_skip}")
     if not 0 <= cfg.policy_noise <= 1:  # also refuses NaN
         fail(f"--policy-noise is a probability, from 0 to 1, got {cfg.policy_noise}")
+    if cfg.policy == "random" and cfg.policy_noise != CollectConfig.policy_noise:
+        fail("--policy-noise is the waypoint walk's share of random actions; add --policy waypoints")
     cores = cpu_cores()
     if not 1 <= cfg.num_envs <= WORKERS_PER_CORE * cores:
         fail(

@@ -52,3 +52,15 @@ def test_a_failing_command_stops_the_regeneration_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"python minigrid_dataset.py .*missing.npz failed \(exit 2\)"):
         Runner(tmp_path)("minigrid_dataset.py", str(tmp_path / "missing.npz"))
     assert not list((tmp_path / ".regenerate_docs").iterdir())  # nothing recorded for it
+
+
+def test_the_demo_data_in_the_docs_is_the_data_make_demo_collects():
+    """regenerate_docs.py rebuilds the docs from its own copy of `make demo`'s collection: the two
+    must not drift apart (the demo's data changed once; a stale copy would document other data)."""
+    line = next(
+        x for x in (regenerate_docs.ROOT / "Makefile").read_text().splitlines() if "collect_minigrid_data.py" in x and "DEMO_DATA" in x
+    )
+    make_flags = (
+        line.split("collect_minigrid_data.py", 1)[1].replace("$(DEMO_EPISODES)", "80").replace("$(DEMO_DATA)", "data/demo_empty8x8.npz")
+    )
+    assert make_flags.split() == [*regenerate_docs.DEMO_COLLECT[1:], "--overwrite"]

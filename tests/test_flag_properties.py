@@ -195,7 +195,6 @@ accept(f"collect {TRAINERS} inspect {PLANS} benchmark", "seed", "0", "a seed lik
 accept("ablation", "seeds", "0", "a seed like any other")
 accept("collect", "episodes", "huge", "a budget: episodes go to shards on disk as they come; Ctrl-C keeps them and --resume goes on")
 accept("collect", "shard_mb", "huge", "a RAM cap never reached: one shard, written at the end")
-accept("collect", "policy_noise", "0", "a waypoint walk without random steps (and the random policy ignores it)")
 accept(TRAINERS, "epochs steps", "huge", "a budget: each step is logged as it goes; Ctrl-C saves a checkpoint that --resume continues")
 accept(TRAINERS, "lr", "huge", "a diverging lr: the trainer's non-finite-loss guard stops the first bad step naming --lr (test_cli)")
 accept(TRAINERS, "weight_decay", "0", "0: no weight decay, the default")
