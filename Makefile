@@ -56,8 +56,8 @@ demo: setup
 plan: setup
 	$(BIN)/python plan_with_world_model.py --checkpoint checkpoints/jepa_cnn --episodes 20 --out-dir planning
 
-# plan on layouts the model never saw: collect TRAIN_LAYOUTS episodes of ENV (random starts, 8 px per
-# cell, walking over the goal) leaving out every layout the evaluation's seeds draw, train the
+# plan on layouts the model never saw: collect TRAIN_LAYOUTS episodes of ENV (random starts, walks to
+# random cells, 8 px per cell, walking over the goal) leaving out every layout the evaluation's seeds draw, train the
 # spatial CNN JEPA, plan with the imagined search on PLAN_EPISODES layouts from EVAL_SEED on.
 # plan.json says whether those layouts were in the training data (compared grid by grid).
 ENV ?= MiniGrid-SimpleCrossingS9N1-v0
@@ -72,7 +72,7 @@ plan-unseen: setup
 	@size=$$($(BIN)/python -c "import gymnasium as gym, minigrid; print(8 * gym.make('$(ENV)').unwrapped.width)") && \
 	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed 0 \
 		--exclude-layouts $(EVAL_SEED):$$(( $(EVAL_SEED) + $(PLAN_EPISODES) )) --through-goal \
-		--start random --actions nav --image-size $$size --out $(OUT)/data.npz --overwrite && \
+		--start random --actions nav --policy waypoints --image-size $$size --out $(OUT)/data.npz --overwrite && \
 	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite $(PLAN_TRAIN_FLAGS) && \
 	$(BIN)/python plan_with_world_model.py --checkpoint $(OUT)/model --planner imagined --env $(ENV) --seed $(EVAL_SEED) \
 		--episodes $(PLAN_EPISODES) --out-dir $(OUT)

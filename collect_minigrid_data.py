@@ -161,7 +161,7 @@ class CollectConfig:
         },
     )
     policy_noise: float = field(
-        default=0.25, metadata={"help": "with --policy waypoints: the probability of a random action instead of the walk's"}
+        default=0.5, metadata={"help": "with --policy waypoints: the probability of a random action instead of the walk's"}
     )
 
 

@@ -238,10 +238,14 @@ class ImaginedGraph:
     through the imagined map, which follows walls and gaps where latent distance cuts through
     them. No dataset frame is needed: this plans on layouts the model never saw.
 
-    The merge radius is relative: `merge` times the shortest real step from the current state
-    (see `step_scale`), so it needs no tuning per model. So is the size of a search (`max_nodes`
-    0): a spatial latent's map has h x w positions, an agent on one of them faces one of 4 ways,
-    and a map of more than twice those states has split states it should have merged; growing it
+    The map is kept while the agent walks it: `locate` finds a frame among its states, `correct`
+    rewrites an imagined step with where the step really led, `grow` extends the search when a
+    correction cut the way to the goal, and `path_from` is the shortest path from any state.
+
+    The merge radius is relative: `merge` times the shortest real step from the map's first state
+    (see `step_scale`), so it needs no tuning per model. So is the size of a map (`max_nodes` 0):
+    a spatial latent's map has h x w positions, an agent on one of them faces one of 4 ways, and a
+    map of more than twice those states has split states it should have merged; growing it
     further costs time (each new state is compared with every known one). (Measured on held-out
     SimpleCrossing layouts, 9x9 maps: the slow episodes, 20-70 s, were those whose searches ran to
     a fixed cap of 3,000 states.)"""
@@ -250,46 +254,108 @@ class ImaginedGraph:
         self.imagination, self.actions, self.merge = imagination, torch.tensor(actions), merge
         cells = imagination.cells
         self.max_nodes = max_nodes or (8 * cells[1] * cells[2] if cells else DEFAULT_MAX_NODES)
-        self.nodes, self.radius, self.reached = 0, 0.0, False  # of the last search
+        self.searches = 0  # maps drawn from scratch, each a full search
+        self.vectors: torch.Tensor | None = None  # [N,F] of the map's states; None: no map yet
+        self.nodes, self.radius, self.reached = 0, 0.0, False  # of the map and its last path
+
+    def forget(self) -> None:
+        """Drops the map (a new episode's layout is another)."""
+        self.vectors = None
 
     @torch.no_grad()
-    def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """frame [1,H,W,C], goal vectors [G,F] -> (action indices of the shortest imagined path to
-        the node nearest the goal, the vectors [len(path),F] the path should meet)."""
+    def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Draws a new map from the frame [1,H,W,C] (its state 0) towards the goal vectors [G,F];
+        returns `path_from(0)`."""
+        im = self.imagination
+        self.goal, self.searches = goal, self.searches + 1
+        self.states, self.vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
+        self.radius = self.merge * step_scale(local_steps(im, self.states, self.vectors, self.actions))
+        self.goal_dist = im.same_state_distance(self.vectors, goal).min(1).values  # [N]
+        # edges[i, a]: the state action a leads to from state i (-1: not imagined); states
+        # [0, expanded) have been stepped by every action, the rest are the frontier
+        self.edges, self.expanded = np.full((1, len(self.actions)), -1), 0
+        self.grow(0)
+        return self.path_from(0)
+
+    def grow(self, source: int) -> None:
+        """Extends the map breadth-first, a layer at a time, until it holds a path from `source`
+        to the goal, is full, or imagines nothing new."""
+        while self.expanded < len(self.vectors) and len(self.vectors) < self.max_nodes:
+            if self._walk(source)[1]:
+                return
+            self._expand()
+
+    @torch.no_grad()
+    def _expand(self) -> None:
         im, n_actions = self.imagination, len(self.actions)
-        states, vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
-        parent, via = [-1], [-1]
-        radius = None
-        goal_dist = im.same_state_distance(vectors, goal).min(1).values  # [nodes]
-        frontier = torch.zeros(1, dtype=torch.long)
-        while len(frontier) and len(parent) < self.max_nodes:
-            # every frontier state x every action, one batch: [F*A,...]
-            nxt = im.step(states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
-            vec = im.embed(nxt)
-            if radius is None:
-                radius = self.merge * step_scale(local_steps(im, states[:1], vectors[:1], self.actions))
-            known = im.same_state_distance(vec, vectors).min(1).values <= radius
-            fresh = first_of_each(vec, (~known).nonzero().flatten(), radius, im)
-            for i in fresh:
-                parent.append(int(frontier[i // n_actions]))
-                via.append(i % n_actions)
-            if not fresh:
+        frontier = torch.arange(self.expanded, len(self.vectors))
+        # every frontier state x every action, one batch: [F*A,...]
+        nxt = im.step(self.states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
+        vec = im.embed(nxt)
+        near, lead = im.same_state_distance(vec, self.vectors).min(1)  # [F*A]: nearest known state
+        unknown = near > self.radius
+        fresh = first_of_each(vec, unknown.nonzero().flatten(), self.radius, im)
+        first = len(self.vectors)
+        if fresh:
+            # a new prediction leads to the fresh state it is (or was merged into)
+            lead[unknown] = first + im.same_state_distance(vec[unknown], vec[fresh]).argmin(1)
+            self.states, self.vectors = torch.cat([self.states, nxt[fresh]]), torch.cat([self.vectors, vec[fresh]])
+            self.goal_dist = torch.cat([self.goal_dist, im.same_state_distance(vec[fresh], self.goal).min(1).values])
+        self.edges[self.expanded :] = lead.reshape(len(frontier), n_actions).cpu().numpy()
+        self.edges = np.concatenate([self.edges, np.full((len(fresh), n_actions), -1)])
+        self.expanded = first
+
+    def _walk(self, source: int) -> tuple[list[int], bool]:
+        """Breadth-first over the map's edges from `source`: the states of the shortest path to
+        the nearest goal state, else to the reachable state nearest the goal in latent distance;
+        and whether it reaches the goal."""
+        dist = self.goal_dist.cpu().numpy()
+        at_goal = dist <= self.radius
+        parent, queue, target = {source: -1}, deque([source]), source
+        while queue:
+            node = queue.popleft()
+            if at_goal[node]:
+                target = node
                 break
-            first = len(vectors)
-            states, vectors = torch.cat([states, nxt[fresh]]), torch.cat([vectors, vec[fresh]])
-            goal_dist = torch.cat([goal_dist, im.same_state_distance(vec[fresh], goal).min(1).values])
-            frontier = torch.arange(first, len(vectors))
-            if float(goal_dist[first:].min()) <= radius:
-                break  # breadth-first: no shorter imagined path to the goal exists
-        node = int(goal_dist.argmin())
-        self.nodes, self.radius = len(parent), radius or 0.0
-        self.reached = float(goal_dist[node]) <= self.radius
-        path = []
-        while parent[node] != -1:
+            if dist[node] < dist[target]:
+                target = node
+            for nxt in self.edges[node].tolist():
+                if nxt >= 0 and nxt not in parent:
+                    parent[nxt] = node
+                    queue.append(nxt)
+        path, node = [], target
+        while node != source:
             path.append(node)
             node = parent[node]
-        path.reverse()
-        return [via[n] for n in path], vectors[path]
+        return path[::-1], bool(at_goal[target])
+
+    def path_from(self, source: int) -> tuple[list[int], list[int]]:
+        """The shortest imagined path from state `source` (see `_walk`): its action indices and
+        the states it should meet."""
+        nodes, self.reached = self._walk(source)
+        self.nodes = len(self.vectors)
+        actions, at = [], source
+        for node in nodes:
+            actions.append(int(np.flatnonzero(self.edges[at] == node)[0]))
+            at = node
+        return actions, nodes
+
+    @torch.no_grad()
+    def locate(self, vector: torch.Tensor, expected: int | None = None) -> int | None:
+        """The map's state a frame's vector [1,F] is (the expected one first, when it is within
+        the merge radius), or None when it is none of them."""
+        if self.vectors is None:
+            return None
+        d = self.imagination.same_state_distance(vector, self.vectors)[0]
+        if expected is not None and float(d[expected]) <= self.radius:
+            return expected
+        node = int(d.argmin())
+        return node if float(d[node]) <= self.radius else None
+
+    def correct(self, node: int, action: int, arrived: int | None) -> None:
+        """The agent took `action` from `node` and arrived at state `arrived` (None: one not in
+        the map), not where the map said: the map keeps what really happened."""
+        self.edges[node, action] = -1 if arrived is None else arrived
 
 
 class LatentCost:
@@ -421,33 +487,46 @@ class SequencePlanner(_GoalPlanner):
 
 
 class ImaginedPlanner(_GoalPlanner):
-    """Follows the shortest path through the imagined map while each frame is the state it
-    imagined (within the merge radius); searches again on a surprise or when the path is done."""
+    """Follows the shortest path through the imagined map, kept for the episode. A frame that is
+    not the state the path expected is looked up in the map, the step just taken is corrected to
+    where it really led (forward into a wall the model thought open leads back to the same state),
+    and the path is planned again within the map, grown if the correction cut it. A new map is
+    drawn only when the frame is in none of the map's states, or the map knows no state nearer
+    the goal than the current one. (Measured on held-out SimpleCrossing layouts: drawing a new map
+    on every surprise, the model's one wrong step was imagined again from the same state at every
+    step, and the episode spent its 324 steps at the wall, each step a full search.)"""
 
     def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
         super().__init__(imagination, actions, None)
         self.imagined = ImaginedGraph(imagination, actions, merge, max_nodes)
-        self.plan: list[int] = []  # the path being followed (action indices) and the states it should meet
-        self.expect: torch.Tensor | None = None
+        self.expected: int | None = None  # the state the last action should lead to
+        self.taken: tuple[int, int] | None = None  # (state, action index) of the last action
 
     def start_episode(self, goal_frames: np.ndarray) -> None:
         super().start_episode(goal_frames)
-        self.plan, self.expect = [], None
+        self.imagined.forget()
+        self.expected, self.taken = None, None
 
     def act(self, frame: torch.Tensor) -> int:
-        im = self.imagination
-        if len(self.plan) > 1 and float(im.same_state_distance(im.target(frame), self.expect[:1])) <= self.imagined.radius:
-            self.plan, self.expect = self.plan[1:], self.expect[1:]
-            self.cost_to_go -= 1
-            return int(self.actions[self.plan[0]])
-        path, self.expect = self.imagined.search(frame, self.goal)
-        self.cost_to_go = float(len(path)) if self.imagined.reached else float("nan")
-        if not path:  # nothing imagined is nearer the goal than here: the one step that gets closest
+        im, g = self.imagination, self.imagined
+        here = g.locate(im.target(frame), self.expected)
+        if self.taken is not None and here != self.expected:
+            g.correct(*self.taken, here)
+        path: tuple[list[int], list[int]] = ([], [])
+        if here is not None:
+            g.grow(here)
+            path = g.path_from(here)
+        if not path[0]:
+            path, here = g.search(frame, self.goal), 0
+        actions, nodes = path
+        self.cost_to_go = float(len(actions)) if g.reached else float("nan")
+        if not actions:  # nothing imagined is nearer the goal than here: the one step that gets closest
             start = im.start(frame)
             nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
-            path, self.expect = [int(im.same_state_distance(nxt, self.goal).min(1).values.argmin())], nxt[:0]
-        self.plan = path
-        return int(self.actions[path[0]])
+            self.expected, self.taken = None, None
+            return int(self.actions[int(im.same_state_distance(nxt, self.goal).min(1).values.argmin())])
+        self.expected, self.taken = nodes[0], (here, actions[0])
+        return int(self.actions[actions[0]])
 
 
 def make_planner(cfg: Any, imagination: Imagination, actions: list[int], graph: LatentGraph | None, seed: int):

@@ -207,23 +207,27 @@ def plan_demo(run: Runner) -> str:
 
 
 UNSEEN_ENV, UNSEEN_SEED = "MiniGrid-SimpleCrossingS9N1-v0", 10000
+UNSEEN_DATA = "plan_unseen/data.npz"
+# `make plan-unseen`'s collection with its defaults (a test keeps the two the same)
+UNSEEN_COLLECT = (
+    ("collect_minigrid_data.py", "--env", UNSEEN_ENV, "--episodes", "250", "--max-steps", "60", "--seed", "0")
+    + ("--exclude-layouts", f"{UNSEEN_SEED}:{UNSEEN_SEED + 20}", "--through-goal", "--start", "random", "--actions", "nav")
+    + ("--policy", "waypoints", "--image-size", "72", "--out", UNSEEN_DATA)
+)
+UNSEEN_TRAIN_STEPS = "4000"
 
 
 def plan_unseen(run: Runner) -> str:
     """`make plan-unseen`'s default row with `--train-seeds` training seeds: SimpleCrossingS9N1,
     the 20 evaluation layouts left out of training, the same data for every seed."""
-    data = "plan_unseen/data.npz"
-    collect = ("collect_minigrid_data.py", "--env", UNSEEN_ENV, "--episodes", "250", "--max-steps", "60", "--seed", "0")
-    collect += ("--exclude-layouts", f"{UNSEEN_SEED}:{UNSEEN_SEED + 20}", "--through-goal", "--start", "random", "--actions", "nav")
-    collect += ("--image-size", "72", "--out", data)
+    data, collect = UNSEEN_DATA, UNSEEN_COLLECT
     run(*collect)
     trains, plans = [], []
     seeds = [str(seed) for seed in range(run.train_seeds)]
     for seed in seeds:
         model = f"plan_unseen/model_seed{seed}"
-        trains.append(
-            ("train_jepa.py", "--arch", "cnn", "--spatial", "--data", data, "--seed", seed, "--out-dir", model, "--steps", "4000")
-        )
+        train = ("train_jepa.py", "--arch", "cnn", "--spatial", "--data", data, "--seed", seed, "--out-dir", model)
+        trains.append((*train, "--steps", UNSEEN_TRAIN_STEPS))
         plans.append(
             ("plan_with_world_model.py", "--checkpoint", model, "--planner", "imagined", "--env", UNSEEN_ENV)
             + ("--seed", str(UNSEEN_SEED), "--episodes", "20", "--out-dir", f"plan_unseen/plan_seed{seed}")

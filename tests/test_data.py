@@ -213,7 +213,7 @@ def test_same_seed_identical_different_seed_different(tmp_path):
         ({"policy_noise": 1.5}, "--policy-noise is a probability"),
         ({"policy_noise": float("nan")}, "--policy-noise is a probability"),
         ({"env": "CartPole-v1", "policy": "waypoints"}, "not a MiniGrid env"),
-        ({"policy_noise": 0.5}, "add --policy waypoints"),
+        ({"policy_noise": 0.25}, "add --policy waypoints"),
     ],
 )
 def test_collector_bad_config_is_user_error(tmp_path, overrides, match):

@@ -1,6 +1,7 @@
 """regenerate_docs.py: every generated block in the docs has its recipe, blocks are replaced in
 place, and the runner records what it ran so a kept directory resumes."""
 
+import re
 import subprocess
 
 import pytest
@@ -64,3 +65,18 @@ def test_the_demo_data_in_the_docs_is_the_data_make_demo_collects():
         line.split("collect_minigrid_data.py", 1)[1].replace("$(DEMO_EPISODES)", "80").replace("$(DEMO_DATA)", "data/demo_empty8x8.npz")
     )
     assert make_flags.split() == [*regenerate_docs.DEMO_COLLECT[1:], "--overwrite"]
+
+
+def test_the_held_out_planning_recipe_in_the_docs_is_make_plan_unseen():
+    """The same for `make plan-unseen`'s collection and training budget, with the Makefile's
+    defaults filled in (the data's policy changed once)."""
+    makefile = (regenerate_docs.ROOT / "Makefile").read_text()
+    defaults = dict(re.findall(r"^(\w+) \?= (.*)$", makefile, re.M))
+    recipe = makefile.split("\nplan-unseen:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    collect = recipe.split("collect_minigrid_data.py", 1)[1].split("&&", 1)[0]
+    collect = collect.replace("$$(( $(EVAL_SEED) + $(PLAN_EPISODES) ))", str(int(defaults["EVAL_SEED"]) + int(defaults["PLAN_EPISODES"])))
+    collect = collect.replace("$$size", "72")
+    collect = re.sub(r"\$\((\w+)\)", lambda m: defaults[m.group(1)], collect)
+    assert collect.split() == [*regenerate_docs.UNSEEN_COLLECT[1:], "--overwrite"]
+    assert defaults["ENV"] == regenerate_docs.UNSEEN_ENV and defaults["EVAL_SEED"] == str(regenerate_docs.UNSEEN_SEED)
+    assert defaults["PLAN_TRAIN_FLAGS"].split() == ["--steps", regenerate_docs.UNSEEN_TRAIN_STEPS]

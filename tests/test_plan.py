@@ -125,8 +125,9 @@ def frame(s):
 
 
 def drive(planner, s, limit=40):
-    """Runs the planner on the true dynamics until the agent stands on the goal cell; returns the
-    number of steps."""
+    """Runs an episode of the planner on the true dynamics until the agent stands on the goal
+    cell; returns the number of steps."""
+    planner.start_episode(tokens(GOAL_STATES))
     for steps in range(limit + 1):
         if s[:2] == GOAL:
             return steps
@@ -232,8 +233,35 @@ def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
     a trained encoder avoids by learning to tell states apart.)"""
     planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
     assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
-    path, vectors = planner.imagined.search(frame((1, 1, 2)), planner.goal)
-    assert len(path) == DIST[(1, 1, 2)] == len(vectors)
+    actions, nodes = planner.imagined.search(frame((1, 1, 2)), planner.goal)
+    assert len(actions) == DIST[(1, 1, 2)] == len(nodes)
+
+
+def test_imagined_planner_learns_walls_its_model_does_not_know_without_drawing_a_new_map():
+    """The model knows the open grid; the world has a wall across column 4 with a gap at the
+    bottom row. Each time forward bumps into the wall, the planner corrects that one step in its
+    map and plans again within it: it reaches the goal, bumps into each wall cell at most once
+    (planning afresh from the frame would imagine the same open step again, and bump forever),
+    and never draws a second map."""
+    wall = {(4, y) for y in range(1, SIDE - 2)}
+
+    def walled_step(s, a):
+        t = true_step(s, a)
+        return s if t[:2] in wall else t
+
+    planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
+    s, bumps = (1, 1, 0), []
+    for _ in range(80):
+        if s[:2] == GOAL:
+            break
+        a = planner.act(frame(s))
+        t = walled_step(s, a)
+        if t == s and true_step(s, a) != s:
+            bumps.append(s)
+        s = t
+    assert s[:2] == GOAL
+    assert 1 <= len(bumps) == len(set(bumps)) <= len(wall), bumps
+    assert planner.imagined.searches == 1
 
 
 def test_imagined_cost_to_go_is_the_true_distance_along_the_way_with_a_perfect_model():
