@@ -238,9 +238,10 @@ class ImaginedGraph:
     through the imagined map, which follows walls and gaps where latent distance cuts through
     them. No dataset frame is needed: this plans on layouts the model never saw.
 
-    The map is kept while the agent walks it: `locate` finds a frame among its states, `correct`
-    rewrites an imagined step with where the step really led, `grow` extends the search when a
-    correction cut the way to the goal, and `path_from` is the shortest path from any state.
+    The map is kept while the agent walks it: `locate` finds a frame among its states, `record`
+    keeps where a step the agent took really led, `grow` extends the search when such a record
+    cut the way to the goal, `path_from` is the shortest path from any state, and `explore_from`
+    the way to the nearest step not yet tried.
 
     The merge radius is relative: `merge` times the shortest real step from the map's first state
     (see `step_scale`), so it needs no tuning per model. So is the size of a map (`max_nodes` 0):
@@ -274,16 +275,23 @@ class ImaginedGraph:
         # edges[i, a]: the state action a leads to from state i (-1: not imagined); states
         # [0, expanded) have been stepped by every action, the rest are the frontier
         self.edges, self.expanded = np.full((1, len(self.actions)), -1), 0
+        self.tried = np.zeros((1, len(self.actions)), bool)  # steps the agent has taken (edges as they really are)
         self.grow(0)
         return self.path_from(0)
 
     def grow(self, source: int) -> None:
         """Extends the map breadth-first, a layer at a time, until it holds a path from `source`
         to the goal, is full, or imagines nothing new."""
-        while self.expanded < len(self.vectors) and len(self.vectors) < self.max_nodes:
-            if self._walk(source)[1]:
+        while not self.closed and len(self.vectors) < self.max_nodes:
+            if self._bfs(source)[2] is not None:
                 return
             self._expand()
+
+    @property
+    def closed(self) -> bool:
+        """Every state is stepped by every action, and each step is a known state: imagining
+        further, from here or anywhere in the map, adds nothing."""
+        return self.expanded == len(self.vectors)
 
     @torch.no_grad()
     def _expand(self) -> None:
@@ -303,42 +311,62 @@ class ImaginedGraph:
             self.goal_dist = torch.cat([self.goal_dist, im.same_state_distance(vec[fresh], self.goal).min(1).values])
         self.edges[self.expanded :] = lead.reshape(len(frontier), n_actions).cpu().numpy()
         self.edges = np.concatenate([self.edges, np.full((len(fresh), n_actions), -1)])
+        self.tried = np.concatenate([self.tried, np.zeros((len(fresh), n_actions), bool)])
         self.expanded = first
 
-    def _walk(self, source: int) -> tuple[list[int], bool]:
-        """Breadth-first over the map's edges from `source`: the states of the shortest path to
-        the nearest goal state, else to the reachable state nearest the goal in latent distance;
-        and whether it reaches the goal."""
-        dist = self.goal_dist.cpu().numpy()
-        at_goal = dist <= self.radius
-        parent, queue, target = {source: -1}, deque([source]), source
+    def _bfs(self, source: int) -> tuple[dict[int, int], list[int], int | None]:
+        """Breadth-first over the map's edges from `source`: each reached state's parent, the
+        states in the order reached, and the first goal state reached (None: none is)."""
+        at_goal = (self.goal_dist <= self.radius).cpu().numpy()
+        parent, order, queue = {source: -1}, [], deque([source])
         while queue:
             node = queue.popleft()
+            order.append(node)
             if at_goal[node]:
-                target = node
-                break
-            if dist[node] < dist[target]:
-                target = node
+                return parent, order, node
             for nxt in self.edges[node].tolist():
                 if nxt >= 0 and nxt not in parent:
                     parent[nxt] = node
                     queue.append(nxt)
-        path, node = [], target
-        while node != source:
-            path.append(node)
-            node = parent[node]
-        return path[::-1], bool(at_goal[target])
+        return parent, order, None
 
-    def path_from(self, source: int) -> tuple[list[int], list[int]]:
-        """The shortest imagined path from state `source` (see `_walk`): its action indices and
-        the states it should meet."""
-        nodes, self.reached = self._walk(source)
-        self.nodes = len(self.vectors)
+    def _path(self, parent: dict[int, int], source: int, target: int) -> tuple[list[int], list[int]]:
+        nodes, node = [], target
+        while node != source:
+            nodes.append(node)
+            node = parent[node]
+        nodes.reverse()
         actions, at = [], source
         for node in nodes:
             actions.append(int(np.flatnonzero(self.edges[at] == node)[0]))
             at = node
         return actions, nodes
+
+    def path_from(self, source: int) -> tuple[list[int], list[int]]:
+        """The shortest imagined path from state `source` to the nearest goal state, else to the
+        reachable state nearest the goal in latent distance: its action indices and the states
+        it should meet."""
+        parent, order, goal = self._bfs(source)
+        self.nodes, self.reached = len(self.vectors), goal is not None
+        if goal is None:
+            dist = self.goal_dist.cpu().numpy()
+            goal = min(order, key=lambda node: dist[node])
+        return self._path(parent, source, goal)
+
+    def explore_from(self, source: int) -> tuple[list[int], list[int]]:
+        """When the map holds no way to the goal: the shortest path to the nearest state with an
+        action the agent has not tried there, then that action (of those, the one predicted to
+        land nearest the goal). A wall the model imagines where the world has a gap is found only
+        by stepping into it. Empty when every reachable step has been tried."""
+        parent, order, _ = self._bfs(source)
+        dist = np.append(self.goal_dist.cpu().numpy(), np.inf)  # edge -1: a step out of the map
+        for node in order:
+            untried = np.flatnonzero(~self.tried[node])
+            if len(untried):
+                action = int(untried[np.argmin(dist[self.edges[node, untried]])])
+                actions, nodes = self._path(parent, source, node)
+                return [*actions, action], [*nodes, int(self.edges[node, action])]
+        return [], []
 
     @torch.no_grad()
     def locate(self, vector: torch.Tensor, expected: int | None = None) -> int | None:
@@ -347,15 +375,16 @@ class ImaginedGraph:
         if self.vectors is None:
             return None
         d = self.imagination.same_state_distance(vector, self.vectors)[0]
-        if expected is not None and float(d[expected]) <= self.radius:
+        if expected is not None and expected >= 0 and float(d[expected]) <= self.radius:
             return expected
         node = int(d.argmin())
         return node if float(d[node]) <= self.radius else None
 
-    def correct(self, node: int, action: int, arrived: int | None) -> None:
+    def record(self, node: int, action: int, arrived: int | None) -> None:
         """The agent took `action` from `node` and arrived at state `arrived` (None: one not in
-        the map), not where the map said: the map keeps what really happened."""
+        the map): the map keeps what really happened, which may not be what it imagined."""
         self.edges[node, action] = -1 if arrived is None else arrived
+        self.tried[node, action] = True
 
 
 class LatentCost:
@@ -488,13 +517,15 @@ class SequencePlanner(_GoalPlanner):
 
 class ImaginedPlanner(_GoalPlanner):
     """Follows the shortest path through the imagined map, kept for the episode. A frame that is
-    not the state the path expected is looked up in the map, the step just taken is corrected to
-    where it really led (forward into a wall the model thought open leads back to the same state),
-    and the path is planned again within the map, grown if the correction cut it. A new map is
-    drawn only when the frame is in none of the map's states, or the map knows no state nearer
-    the goal than the current one. (Measured on held-out SimpleCrossing layouts: drawing a new map
-    on every surprise, the model's one wrong step was imagined again from the same state at every
-    step, and the episode spent its 324 steps at the wall, each step a full search.)"""
+    not the state the path expected is looked up in the map, the step just taken is recorded as
+    it really went (forward into a wall the model thought open leads back to the same state), and
+    the path is planned again within the map, grown if the record cut it. When the map, complete,
+    holds no way to the goal, the agent tries the steps it has not taken, nearest first: the
+    model may be wrong about a wall. A new map is drawn only when the frame is none of the map's
+    states (a full map is thus centred again where the agent leaves it). (Measured on held-out
+    SimpleCrossing layouts: drawing a new map on every surprise, the model's one wrong step was
+    imagined again from the same state at every step, and the episode spent its 324 steps at the
+    wall, each step a full search.)"""
 
     def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int):
         super().__init__(imagination, actions, None)
@@ -510,17 +541,20 @@ class ImaginedPlanner(_GoalPlanner):
     def act(self, frame: torch.Tensor) -> int:
         im, g = self.imagination, self.imagined
         here = g.locate(im.target(frame), self.expected)
-        if self.taken is not None and here != self.expected:
-            g.correct(*self.taken, here)
-        path: tuple[list[int], list[int]] = ([], [])
+        if self.taken is not None:
+            g.record(*self.taken, here)
         if here is not None:
             g.grow(here)
-            path = g.path_from(here)
-        if not path[0]:
-            path, here = g.search(frame, self.goal), 0
-        actions, nodes = path
+            actions, nodes = g.path_from(here)
+        else:
+            (actions, nodes), here = g.search(frame, self.goal), 0
         self.cost_to_go = float(len(actions)) if g.reached else float("nan")
-        if not actions:  # nothing imagined is nearer the goal than here: the one step that gets closest
+        if not g.reached and (g.closed or not actions):
+            # nothing left to imagine here: step by step to the nearest step not yet tried (each
+            # step shortens the way to it, so the agent cannot go back and forth); a step out of
+            # the map draws a new one there
+            actions, nodes = g.explore_from(here)
+        if not actions:  # every step tried: the one step predicted to get closest
             start = im.start(frame)
             nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))
             self.expected, self.taken = None, None

@@ -264,6 +264,31 @@ def test_imagined_planner_learns_walls_its_model_does_not_know_without_drawing_a
     assert planner.imagined.searches == 1
 
 
+def test_imagined_planner_tries_steps_when_its_model_walls_off_the_goal():
+    """The opposite error: the world is the open grid, but the model believes a wall along
+    column 4 (forward across it changes nothing). Every map from the west half is closed and
+    holds no way to the goal; the planner tries the steps it has not taken until one leads out
+    of the map (across the imagined wall), draws a map there, and reaches the goal. It crosses
+    in fewer steps than there are steps to try in the west half (72 states x 3 actions): it
+    walks from one untried step to the nearest next, never back and forth."""
+    model = GridModel(TOKEN, dim=256)
+    for y in range(1, SIDE - 1):
+        model.next[INDEX[(3, y, 0)], 2] = INDEX[(3, y, 0)]
+        model.next[INDEX[(4, y, 2)], 2] = INDEX[(4, y, 2)]
+    planner = planner_for(Imagination(model, "jepa_cnn", CPU), None, planner="imagined")
+    s, tried = (1, 1, 0), []
+    for _ in range(4 * len(STATES)):
+        if s[:2] == GOAL:
+            break
+        a = planner.act(frame(s))
+        if s[0] < 4:
+            tried.append((s, a))
+        s = true_step(s, a)
+    assert s[:2] == GOAL
+    assert len(tried) < 3 * 3 * (SIDE - 2) * 4
+    assert planner.imagined.searches == 2  # the first map, and one from across the wall
+
+
 def test_imagined_cost_to_go_is_the_true_distance_along_the_way_with_a_perfect_model():
     """What the diagnostics correlate with the oracle: after each action, the imagined map's
     steps to the goal from the state acted in. With a perfect model it is the true distance at
