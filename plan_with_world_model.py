@@ -203,6 +203,7 @@ def run_episode(
         if terminated or truncated:
             break
     return {
+        **(planner.episode_report() if planner is not None else {}),
         "seed": episode_seed(cfg, e),
         "start": list(start),
         "goal": list(goal_position(base)),
@@ -267,10 +268,13 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 def diagnose(episodes: list[dict]) -> dict[str, Any]:
     """Does what the planner scores track the true distance? Rank correlations, over every state
     the planner visited, of the oracle's steps-to-goal with the latent distance to the goal, with
-    the graph's cost-to-go and with the imagined map's steps to go (1 = perfectly ordered)."""
+    the graph's cost-to-go and with the imagined map's steps to go (1 = perfectly ordered). For
+    the imagined planner also its own work: maps drawn from scratch per episode, and the share of
+    steps spent trying steps not yet taken (when its map held no way to the goal)."""
     from planners import UNREACHABLE
 
     trace = np.array([row for ep in episodes for row in ep["trace"]], np.float64).reshape(-1, 4)
+    imagined = bool(episodes) and "maps_drawn" in episodes[0]
     return {
         "states": len(trace),
         "spearman_latent_distance_vs_oracle": spearman(trace[:, 1], trace[:, 0]),
@@ -278,6 +282,8 @@ def diagnose(episodes: list[dict]) -> dict[str, Any]:
         # over the states where the imagined map reached the goal (how many: states_with_imagined_path)
         "spearman_imagined_steps_vs_oracle": spearman(trace[:, 3], trace[:, 0]),
         "states_with_imagined_path": int(np.isfinite(trace[:, 3]).sum()),
+        "maps_per_episode": float(np.mean([ep["maps_drawn"] for ep in episodes])) if imagined else None,
+        "share_of_steps_exploring": sum(ep["steps_exploring"] for ep in episodes) / max(1, len(trace)) if imagined else None,
     }
 
 
@@ -497,6 +503,11 @@ def print_summary(cfg: PlanConfig, report: dict[str, Any], out: Path) -> None:
         f"latent distance {_fmt(d['spearman_latent_distance_vs_oracle'])}, graph cost {_fmt(d['spearman_graph_cost_vs_oracle'])}, "
         f"imagined steps to go {_fmt(d['spearman_imagined_steps_vs_oracle'])} (over the {d['states_with_imagined_path']} where the map reached the goal)"
     )
+    if d["maps_per_episode"] is not None:
+        print(
+            f"imagined maps drawn per episode {d['maps_per_episode']:.1f}; "
+            f"{d['share_of_steps_exploring']:.0%} of steps spent trying steps where the map held no way to the goal"
+        )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
 
 

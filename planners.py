@@ -255,13 +255,13 @@ class ImaginedGraph:
         self.imagination, self.actions, self.merge = imagination, torch.tensor(actions), merge
         cells = imagination.cells
         self.max_nodes = max_nodes or (8 * cells[1] * cells[2] if cells else DEFAULT_MAX_NODES)
-        self.searches = 0  # maps drawn from scratch, each a full search
+        self.searches = 0  # maps drawn from scratch this episode, each a full search
         self.vectors: torch.Tensor | None = None  # [N,F] of the map's states; None: no map yet
         self.nodes, self.radius, self.reached = 0, 0.0, False  # of the map and its last path
 
     def forget(self) -> None:
         """Drops the map (a new episode's layout is another)."""
-        self.vectors = None
+        self.vectors, self.searches = None, 0
 
     @torch.no_grad()
     def search(self, frame: torch.Tensor, goal: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -484,6 +484,10 @@ class _GoalPlanner:
         if self.graph is not None:
             self.graph.set_goal(goal_frames)
 
+    def episode_report(self) -> dict[str, Any]:
+        """What the planner did this episode beyond its actions (for plan.json)."""
+        return {}
+
     @torch.no_grad()
     def beliefs(self, frame: torch.Tensor) -> tuple[float, float]:
         """The latent distance of the frame to the nearest goal latent, and its graph cost-to-go
@@ -532,11 +536,15 @@ class ImaginedPlanner(_GoalPlanner):
         self.imagined = ImaginedGraph(imagination, actions, merge, max_nodes)
         self.expected: int | None = None  # the state the last action should lead to
         self.taken: tuple[int, int] | None = None  # (state, action index) of the last action
+        self.exploring = 0  # steps this episode taken towards a step not yet tried
 
     def start_episode(self, goal_frames: np.ndarray) -> None:
         super().start_episode(goal_frames)
         self.imagined.forget()
-        self.expected, self.taken = None, None
+        self.expected, self.taken, self.exploring = None, None, 0
+
+    def episode_report(self) -> dict[str, Any]:
+        return {"maps_drawn": self.imagined.searches, "steps_exploring": self.exploring}
 
     def act(self, frame: torch.Tensor) -> int:
         im, g = self.imagination, self.imagined
@@ -554,6 +562,7 @@ class ImaginedPlanner(_GoalPlanner):
             # step shortens the way to it, so the agent cannot go back and forth); a step out of
             # the map draws a new one there
             actions, nodes = g.explore_from(here)
+            self.exploring += 1
         if not actions:  # every step tried: the one step predicted to get closest
             start = im.start(frame)
             nxt = im.embed(im.step(start.expand(len(self.actions), *start.shape[1:]), self.actions))

@@ -261,7 +261,7 @@ def test_imagined_planner_learns_walls_its_model_does_not_know_without_drawing_a
         s = t
     assert s[:2] == GOAL
     assert 1 <= len(bumps) == len(set(bumps)) <= len(wall), bumps
-    assert planner.imagined.searches == 1
+    assert planner.episode_report() == {"maps_drawn": 1, "steps_exploring": 0}  # the map always held a way
 
 
 def test_imagined_planner_tries_steps_when_its_model_walls_off_the_goal():
@@ -286,7 +286,9 @@ def test_imagined_planner_tries_steps_when_its_model_walls_off_the_goal():
         s = true_step(s, a)
     assert s[:2] == GOAL
     assert len(tried) < 3 * 3 * (SIDE - 2) * 4
-    assert planner.imagined.searches == 2  # the first map, and one from across the wall
+    report = planner.episode_report()
+    assert report["maps_drawn"] == 2  # the first map, and one from across the wall
+    assert report["steps_exploring"] == len(tried)  # west of the wall every step explored
 
 
 def test_imagined_cost_to_go_is_the_true_distance_along_the_way_with_a_perfect_model():
@@ -480,6 +482,10 @@ def test_imagined_planner_end_to_end_records_its_search_size(work, checkpoint):
     d = report["diagnostics"]
     assert d["states"] == sum(e["steps"] for e in report["per_episode"])
     assert 0 <= d["states_with_imagined_path"] <= d["states"]
+    # every episode draws its first map; exploring steps are steps taken
+    assert all(e["maps_drawn"] >= 1 and 0 <= e["steps_exploring"] <= e["steps"] for e in report["per_episode"])
+    assert d["maps_per_episode"] == np.mean([e["maps_drawn"] for e in report["per_episode"]])
+    assert d["share_of_steps_exploring"] == sum(e["steps_exploring"] for e in report["per_episode"]) / d["states"]
 
 
 def check_report(out, planner, horizon):
@@ -494,6 +500,7 @@ def check_report(out, planner, horizon):
     d = report["diagnostics"]
     assert d["states"] == sum(e["steps"] for e in report["per_episode"])  # one belief per step taken
     assert d["states_with_imagined_path"] == 0 and d["spearman_imagined_steps_vs_oracle"] is None  # no imagined map here
+    assert d["maps_per_episode"] is None and d["share_of_steps_exploring"] is None
     for key in ("spearman_latent_distance_vs_oracle", "spearman_graph_cost_vs_oracle"):
         assert d[key] is None or -1 <= d[key] <= 1
     episodes = report["per_episode"]
