@@ -526,7 +526,8 @@ class ImaginedPlanner(_GoalPlanner):
     the path is planned again within the map, grown if the record cut it. When the map, complete,
     holds no way to the goal, the agent tries the steps it has not taken, nearest first: the
     model may be wrong about a wall. A new map is drawn only when the frame is none of the map's
-    states (a full map is thus centred again where the agent leaves it). (Measured on held-out
+    states, or the agent is at the edge of a full map nearest the goal, nearer than where any
+    map was drawn before. (Measured on held-out
     SimpleCrossing layouts: drawing a new map on every surprise, the model's one wrong step was
     imagined again from the same state at every step, and the episode spent its 324 steps at the
     wall, each step a full search.)"""
@@ -537,25 +538,33 @@ class ImaginedPlanner(_GoalPlanner):
         self.expected: int | None = None  # the state the last action should lead to
         self.taken: tuple[int, int] | None = None  # (state, action index) of the last action
         self.exploring = 0  # steps this episode taken towards a step not yet tried
+        # the latent distance to the goal of the frame nearest it a map was drawn from: a map
+        # is centred again only nearer the goal, so new maps cannot go back and forth
+        self.nearest_centre = float("inf")
 
     def start_episode(self, goal_frames: np.ndarray) -> None:
         super().start_episode(goal_frames)
         self.imagined.forget()
-        self.expected, self.taken, self.exploring = None, None, 0
+        self.expected, self.taken, self.exploring, self.nearest_centre = None, None, 0, float("inf")
 
     def episode_report(self) -> dict[str, Any]:
         return {"maps_drawn": self.imagined.searches, "steps_exploring": self.exploring}
 
     def act(self, frame: torch.Tensor) -> int:
         im, g = self.imagination, self.imagined
-        here = g.locate(im.target(frame), self.expected)
+        vector = im.target(frame)
+        here = g.locate(vector, self.expected)
         if self.taken is not None:
             g.record(*self.taken, here)
+        to_goal = float(im.same_state_distance(vector, self.goal).min())
         if here is not None:
             g.grow(here)
             actions, nodes = g.path_from(here)
-        else:
+            if not actions and not g.closed and here != 0 and to_goal < self.nearest_centre:
+                here = None  # at the edge of a full map, nearer the goal than any map's centre yet: centre one here
+        if here is None:
             (actions, nodes), here = g.search(frame, self.goal), 0
+            self.nearest_centre = min(self.nearest_centre, to_goal)
         self.cost_to_go = float(len(actions)) if g.reached else float("nan")
         if not g.reached and (g.closed or not actions):
             # nothing left to imagine here: step by step to the nearest step not yet tried (each
