@@ -355,17 +355,19 @@ class ImaginedGraph:
 
     def explore_from(self, source: int) -> tuple[list[int], list[int]]:
         """When the map holds no way to the goal: the shortest path to the nearest state with an
-        action the agent has not tried there, then that action (of those, the one predicted to
-        land nearest the goal). A wall the model imagines where the world has a gap is found only
-        by stepping into it. Empty when every reachable step has been tried."""
+        action the agent has not tried there, then that action. Steps the model imagines to
+        change nothing come first (a wall the model imagines where the world has a gap is found
+        only by stepping into it; a turn is rarely wrong), then the others, each time the one
+        predicted to land nearest the goal. Empty when every reachable step has been tried."""
         parent, order, _ = self._bfs(source)
         dist = np.append(self.goal_dist.cpu().numpy(), np.inf)  # edge -1: a step out of the map
-        for node in order:
-            untried = np.flatnonzero(~self.tried[node])
-            if len(untried):
-                action = int(untried[np.argmin(dist[self.edges[node, untried]])])
-                actions, nodes = self._path(parent, source, node)
-                return [*actions, action], [*nodes, int(self.edges[node, action])]
+        for blocked_only in (True, False):
+            for node in order:
+                untried = np.flatnonzero(~self.tried[node] & (self.edges[node] == node if blocked_only else True))
+                if len(untried):
+                    action = int(untried[np.argmin(dist[self.edges[node, untried]])])
+                    actions, nodes = self._path(parent, source, node)
+                    return [*actions, action], [*nodes, int(self.edges[node, action])]
         return [], []
 
     @torch.no_grad()
