@@ -176,9 +176,16 @@ def run_episode(
     base = env.unwrapped
     obs, _ = env.reset(seed=episode_seed(cfg, e))
     rng = np.random.default_rng([cfg.seed, e])
+    oracle = oracle_steps(base)
     if cfg.start == "random":
         obs = place_agent_randomly(env, rng)
-    oracle = oracle_steps(base)
+        # some layouts have pockets walled off from the goal (SimpleCrossingS9N2): a start there
+        # is an episode no planner can win, so the start is drawn again (the same draws for the
+        # random policy's episode)
+        for _ in range(100):
+            if not oracle or (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir)) in oracle:
+                break
+            obs = place_agent_randomly(env, rng)
     start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
     limit = cfg.max_steps or base.max_steps
     if planner is not None:
