@@ -145,6 +145,11 @@ def carried(base) -> int:
     return -1 if base.carrying is None else OBJECT_TO_IDX[base.carrying.type]
 
 
+def agent_state(base) -> tuple[int, int, int]:
+    """The agent's (x, y, direction) on a MiniGrid env: the key of `oracle_steps`."""
+    return int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir)
+
+
 def place_agent_randomly(env, rng: np.random.Generator):
     """Moves the agent to a random empty cell facing a random direction and returns the
     observation rendered there (the wrappers' observation() re-renders the current state)."""

@@ -29,7 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs import NAV_ACTIONS, goal_frames, goal_position, layout_key, make_env, model_frames, oracle_steps, place_agent_randomly
+from envs import (
+    NAV_ACTIONS,
+    agent_state,
+    goal_frames,
+    goal_position,
+    layout_key,
+    make_env,
+    model_frames,
+    oracle_steps,
+    place_agent_randomly,
+)
 from minigrid_dataset import MiniGridTransitions
 from models import model_from_checkpoint
 from wm_common import (
@@ -183,10 +193,10 @@ def run_episode(
         # is an episode no planner can win, so the start is drawn again (the same draws for the
         # random policy's episode)
         for _ in range(100):
-            if not oracle or (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir)) in oracle:
+            if not oracle or agent_state(base) in oracle:
                 break
             obs = place_agent_randomly(env, rng)
-    start = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
+    start = agent_state(base)
     limit = cfg.max_steps or base.max_steps
     if planner is not None:
         planner.start_episode(goal_obs if goal_obs is not None else goal_frames(env, image_size, channels))
@@ -199,7 +209,7 @@ def run_episode(
             a = int(act_rng.choice(actions))
         else:
             frame = torch.from_numpy(model_frames(obs[None], image_size, channels))
-            state = (int(base.agent_pos[0]), int(base.agent_pos[1]), int(base.agent_dir))
+            state = agent_state(base)
             beliefs = (oracle.get(state, np.nan), *planner.beliefs(frame))
             a = planner.act(frame)
             trace.append((*beliefs, planner.cost_to_go))
