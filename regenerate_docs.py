@@ -214,7 +214,7 @@ UNSEEN_COLLECT = (
     + ("--exclude-layouts", f"{UNSEEN_SEED}:{UNSEEN_SEED + 20}", "--through-goal", "--start", "random", "--actions", "nav")
     + ("--policy", "waypoints", "--image-size", "72", "--out", UNSEEN_DATA)
 )
-UNSEEN_TRAIN_STEPS = "4000"
+UNSEEN_TRAIN_FLAGS = ("--steps", "4000", "--compile")
 
 
 def plan_unseen(run: Runner) -> str:
@@ -227,7 +227,7 @@ def plan_unseen(run: Runner) -> str:
     for seed in seeds:
         model = f"plan_unseen/model_seed{seed}"
         train = ("train_jepa.py", "--arch", "cnn", "--spatial", "--data", data, "--seed", seed, "--out-dir", model)
-        trains.append((*train, "--steps", UNSEEN_TRAIN_STEPS))
+        trains.append((*train, *UNSEEN_TRAIN_FLAGS))
         plans.append(
             ("plan_with_world_model.py", "--checkpoint", model, "--planner", "imagined", "--env", UNSEEN_ENV)
             + ("--seed", str(UNSEEN_SEED), "--episodes", "20", "--out-dir", f"plan_unseen/plan_seed{seed}")

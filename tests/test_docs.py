@@ -79,4 +79,4 @@ def test_the_held_out_planning_recipe_in_the_docs_is_make_plan_unseen():
     collect = re.sub(r"\$\((\w+)\)", lambda m: defaults[m.group(1)], collect)
     assert collect.split() == [*regenerate_docs.UNSEEN_COLLECT[1:], "--overwrite"]
     assert defaults["ENV"] == regenerate_docs.UNSEEN_ENV and defaults["EVAL_SEED"] == str(regenerate_docs.UNSEEN_SEED)
-    assert defaults["PLAN_TRAIN_FLAGS"].split() == ["--steps", regenerate_docs.UNSEEN_TRAIN_STEPS]
+    assert defaults["PLAN_TRAIN_FLAGS"].split() == list(regenerate_docs.UNSEEN_TRAIN_FLAGS)
