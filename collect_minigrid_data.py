@@ -37,6 +37,7 @@ from dataset_formats import link_episodes
 from envs import (
     NAV_ACTIONS,
     carried,
+    cell_pixels,
     door_state,
     goal_position,
     is_minigrid,
@@ -584,7 +585,14 @@ def open_source(cfg: CollectConfig, minigrid_env: bool):
         env, tile = make_env(cfg.env, cfg.obs, cfg.image_size)
         n_actions = int(env.action_space.n)
         seeds = reset_seeds(env, cfg)
-        extra = {"tile_size": tile, "start": cfg.start, "fixed_layout": cfg.fixed_layout, "through_goal": cfg.through_goal}
+        cell_px = cell_pixels(env, cfg.obs, cfg.image_size, tile)
+        extra = {
+            "tile_size": tile,
+            "cell_px": cell_px,
+            "start": cfg.start,
+            "fixed_layout": cfg.fixed_layout,
+            "through_goal": cfg.through_goal,
+        }
         if cfg.policy != "random":
             extra.update(policy_noise=cfg.policy_noise)
         if cfg.exclude_layouts:

@@ -76,6 +76,15 @@ def make_env(env_id: str, obs_mode: str, image_size: int):
     return ImgObsWrapper(env), tile
 
 
+def cell_pixels(env, obs_mode: str, image_size: int, tile: int) -> int:
+    """Pixels per grid cell in the frames when a cell is whole pixels (the render was not
+    resized: `image_size` is the tile times a square grid), else 0. A spatial encoder uses it to
+    make one cell one position of its map."""
+    base = env.unwrapped
+    side = {"rgb": (base.width, base.height), "rgb_partial": (base.agent_view_size,) * 2}.get(obs_mode)
+    return tile if side is not None and side[0] == side[1] and tile * side[0] == image_size else 0
+
+
 def make_pixel_env(env_id: str):
     """Any Gymnasium env as a source of frames, headless: (env, "observation") when its
     observations are images, else (env, "render") made with render_mode="rgb_array"."""

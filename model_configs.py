@@ -32,6 +32,7 @@ class JEPAConfig:
     residual: bool = False  # the predictor outputs z + delta (copying is where it starts)
     pred_loss: str = "normalized"  # seed 003's MSE of unit vectors, or "mse" of the raw latents (norm included)
     spatial: bool = False  # the latent is the encoder's feature map (latent_dim = its size), the predictor convolutional
+    cell_px: int = 0  # spatial: pixels per grid cell of the frames (0: unknown); see `halvings`
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
@@ -42,19 +43,29 @@ class JEPAConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
 
-def halves(side: int, spatial: bool) -> bool:
-    """Does the next conv halve a side this long? The global latent's encoder halves sides of 16 px
-    or more (seed 003); the spatial one down to 8, so that three convs make a MiniGrid cell of
-    8 px one position (48 -> 6, 64 -> 8, 72 -> 9) while a 7x7 symbolic grid keeps stride 1."""
-    return side >= (8 if spatial else 16)
+def halvings(obs_shape: list[int], channels: list[int], spatial: bool = False, cell_px: int = 0) -> list[bool]:
+    """Which of CNNEncoder's convs halve the frame. The global latent's encoder halves sides of
+    16 px or more (seed 003); the spatial one down to 8, so that three convs make a MiniGrid cell
+    of 8 px one position (48 -> 6, 64 -> 8, 72 -> 9) while a 7x7 symbolic grid keeps stride 1.
+    Told a cell's size in pixels (a power of two), the spatial one halves until a cell is one
+    position whatever the frame's size: FourRooms at 4 px per cell, 76 -> 19, where the side
+    rule would give 9 positions for 19 cells, a cell's place within a position varying."""
+    side, out = min(obs_shape[:2]), []
+    for _ in channels:
+        if spatial and cell_px > 0 and cell_px & (cell_px - 1) == 0:
+            halve = 2 ** sum(out) < cell_px
+        else:
+            halve = side >= (8 if spatial else 16)
+        out.append(halve)
+        side = side // 2 if halve else side
+    return out
 
 
-def feature_map_shape(obs_shape: list[int], channels: list[int], spatial: bool = True) -> tuple[int, int, int]:
+def feature_map_shape(obs_shape: list[int], channels: list[int], spatial: bool = True, cell_px: int = 0) -> tuple[int, int, int]:
     """(c, h, w) of CNNEncoder's feature map."""
     h, w, _ = obs_shape
-    for _ in channels:
-        if halves(min(h, w), spatial):
-            h, w = h // 2, w // 2
+    for halve in halvings(obs_shape, channels, spatial, cell_px):
+        h, w = (h // 2, w // 2) if halve else (h, w)
     return channels[-1], h, w
 
 

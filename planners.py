@@ -39,7 +39,9 @@ class Imagination:
         self.model, self.device, self.pixels = model, device, arch == "encdec_vit"
         config = getattr(model, "config", None)
         # a spatial latent is a feature map [C,h,w], one position per grid cell
-        self.cells = feature_map_shape(config.obs_shape, config.channels) if getattr(config, "spatial", False) else None
+        self.cells = (
+            feature_map_shape(config.obs_shape, config.channels, cell_px=config.cell_px) if getattr(config, "spatial", False) else None
+        )
 
     @torch.no_grad()
     def start(self, frames: torch.Tensor) -> torch.Tensor:

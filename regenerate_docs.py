@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +75,14 @@ class Runner:
         self.records.mkdir(exist_ok=True)
         self.loads: dict[tuple[str, ...], float | None] = {}  # load average when each command ended
 
-    def __call__(self, script: str, *args: str, threads: int | None = None) -> tuple[str, float]:
-        """-> (what the script printed on stdout, seconds it took), with `threads` torch threads
-        if given. A failure stops everything: a doc must never show the output of a broken run."""
+    def __call__(self, script: str, *args: str) -> tuple[str, float]:
+        """-> (what the script printed on stdout, seconds it took). A failure stops everything: a
+        doc must never show the output of a broken run."""
         key = (script, *args)
         record = self.records / (hashlib.sha1(json.dumps(key).encode()).hexdigest() + ".json")
         if not record.is_file():
             start = time.perf_counter()
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-            proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=self.work, env=env, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=self.work, capture_output=True, text=True)
             if proc.returncode != 0:
                 fail(f"{shell(key)} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             done = {"command": key, "stdout": proc.stdout, "seconds": time.perf_counter() - start, "load": os.getloadavg()[0]}
@@ -232,10 +230,9 @@ def plan_unseen(run: Runner) -> str:
             ("plan_with_world_model.py", "--checkpoint", model, "--planner", "imagined", "--env", UNSEEN_ENV)
             + ("--seed", str(UNSEEN_SEED), "--episodes", "20", "--out-dir", f"plan_unseen/plan_seed{seed}")
         )
-    # the seeds train at once, the cores shared between them
-    threads = max(1, (os.cpu_count() or 1) // len(trains))
-    with ThreadPoolExecutor(len(trains)) as pool:
-        list(pool.map(lambda command: run(*command, threads=threads), trains))
+    # one after another, each with every core: the training time each reports is the recipe's own
+    for train in trains:
+        run(*train)
     rows, results = [], []
     for seed, plan in zip(seeds, plans, strict=True):
         run(*plan)

@@ -157,8 +157,12 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
     c = coeffs(cfg)
     shape = list(data.frame_shape)
     if cfg.spatial:
-        m = feature_map_shape(shape, SPATIAL_CHANNELS)
-        spatial = dict(spatial=True, channels=SPATIAL_CHANNELS, predictor_hidden_dim=SPATIAL_HIDDEN, latent_dim=m[0] * m[1] * m[2])
+        # data from before the collector recorded the cell size (0) keep the side rule
+        cell = int(data.meta.get("cell_px", 0))
+        m = feature_map_shape(shape, SPATIAL_CHANNELS, cell_px=cell)
+        spatial = dict(
+            spatial=True, channels=SPATIAL_CHANNELS, predictor_hidden_dim=SPATIAL_HIDDEN, latent_dim=m[0] * m[1] * m[2], cell_px=cell
+        )
     else:
         spatial = dict(latent_dim=cfg.latent_dim)
     return JEPAConfig(

@@ -44,21 +44,21 @@ from losses import (
     vicreg_cov_loss,
     vicreg_std_loss,
 )
-from model_configs import JEPAConfig, feature_map_shape, halves
+from model_configs import JEPAConfig, feature_map_shape, halvings
 
 
 class CNNEncoder(nn.Module):
     """Frames -> latent vector. Stride-2 convs halve the image while it is 16 px or larger
-    (64 -> 8 with three layers; see `halves`); small inputs such as 7x7 symbolic grids keep stride 1. The
+    (64 -> 8 with three layers; see `halvings`); small inputs such as 7x7 symbolic grids keep stride 1. The
     flatten + linear keeps where things are, which pooling would throw away; `spatial` keeps
     the feature map itself (flattened), so that a MiniGrid cell of 8 px is one map position."""
 
-    def __init__(self, *, obs_shape: list[int], channels: list[int], latent_dim: int, spatial: bool = False):
+    def __init__(self, *, obs_shape: list[int], channels: list[int], latent_dim: int, spatial: bool = False, cell_px: int = 0):
         super().__init__()
         h, w, c = obs_shape
         layers: list[nn.Module] = []
-        for out_c in channels:
-            if halves(min(h, w), spatial):
+        for out_c, halve in zip(channels, halvings(obs_shape, channels, spatial, cell_px), strict=True):
+            if halve:
                 layers += [nn.Conv2d(c, out_c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
                 h, w = h // 2, w // 2
             else:
@@ -145,11 +145,15 @@ class JEPAWorldModel(nn.Module):
         self.config = config
         self.latent_dim = config.latent_dim
         self.encoder = CNNEncoder(
-            obs_shape=config.obs_shape, channels=config.channels, latent_dim=config.latent_dim, spatial=config.spatial
+            obs_shape=config.obs_shape,
+            channels=config.channels,
+            latent_dim=config.latent_dim,
+            spatial=config.spatial,
+            cell_px=config.cell_px,
         )
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         if config.spatial:
-            shape = feature_map_shape(config.obs_shape, config.channels)
+            shape = feature_map_shape(config.obs_shape, config.channels, cell_px=config.cell_px)
             if config.latent_dim != shape[0] * shape[1] * shape[2]:
                 raise ValueError(f"a spatial latent is the {shape} feature map: latent_dim must be {shape[0] * shape[1] * shape[2]}")
             self.predictor = SpatialPredictor(

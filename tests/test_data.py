@@ -125,6 +125,7 @@ def test_collector_meta(tiny_arrays):
     assert isinstance(meta["collector_version"], int)
     assert meta["date"]
     assert meta["config"]["image_size"] == 32
+    assert meta["cell_px"] == 4  # Empty-8x8 at 32 px: whole cells of 4 px
 
 
 def test_next_obs_is_next_frame_within_episode_and_terminal_at_end(tiny_npz, tiny_arrays):

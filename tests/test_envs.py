@@ -557,3 +557,20 @@ def test_encdec_predictions_png_with_multi_dim_continuous_actions(tmp_path):
     save_checkpoint(run_dir / "model.pt", payload)
     out = draw_predictions(run_dir, MiniGridTransitions(path), 2, torch.device("cpu"))
     assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    "env_id, mode, size, cell",
+    [
+        ("MiniGrid-FourRooms-v0", "rgb", 76, 4),
+        ("MiniGrid-FourRooms-v0", "rgb", 64, 0),  # rendered at 5 px per cell (95 px) and resized: no whole cell
+        ("MiniGrid-SimpleCrossingS9N1-v0", "rgb", 72, 8),
+        ("MiniGrid-Empty-8x8-v0", "rgb_partial", 56, 8),
+        ("MiniGrid-Empty-8x8-v0", "symbolic", 64, 0),
+    ],
+)
+def test_cell_pixels_are_whole_only_when_the_render_was_not_resized(env_id, mode, size, cell):
+    from envs import cell_pixels, make_env
+
+    env, tile = make_env(env_id, mode, size)
+    assert cell_pixels(env, mode, size, tile) == cell

@@ -231,6 +231,19 @@ def test_spatial_latent_is_the_feature_map_one_position_per_8_pixels(shape, grid
         make_model(shape, **{**kw, "latent_dim": 128})
 
 
+@pytest.mark.parametrize("size, cell, grid", [(76, 4, 19), (64, 4, 16), (72, 8, 9), (56, 8, 7), (76, 0, 9), (66, 11, 8)])
+def test_told_the_cell_size_the_spatial_map_has_one_position_per_cell(size, cell, grid):
+    """FourRooms at 4 px per cell (76 px) is 19 positions, not the side rule's 9; 8 px cells keep
+    the side rule's maps; a cell size unknown (0) or not a power of two falls back to it."""
+    from model_configs import feature_map_shape
+
+    shape, channels = (size, size, 3), [8, 8, 4]
+    c, h, w = feature_map_shape(list(shape), channels, cell_px=cell)
+    assert (c, h, w) == (4, grid, grid)
+    model = make_model(shape, spatial=True, channels=channels, latent_dim=c * h * w, predictor_hidden_dim=8, cell_px=cell)
+    assert model.encode(frames(2, shape)).shape == (2, c * h * w)
+
+
 def test_spatial_predictor_is_translation_equivariant():
     """One rule for every cell: shifting the map shifts the prediction (away from the border,
     which the three 3x3 convolutions see 3 positions in), which is why it carries over to

@@ -3,15 +3,17 @@ models (each term against a hand computation), K=1 as seed 003's one-step loss, 
 and overfitting warnings, and the trainers' new flags end to end."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, one_step, run
+from conftest import assert_one_line_error, load_npz, ok, one_step, run, write_npz
 
 from losses import normalized_mse, smoothness_loss, vicreg_cov_loss, vicreg_std_loss
 from minigrid_dataset import MiniGridTransitions, make_loaders, split_episodes, window_starts
 from training import overfitting
+from wm_common import load_checkpoint
 from world_model_jepa import JEPAConfig, JEPAWorldModel
 from world_model_vit import EncDecConfig, ViTEncoderDecoder, ViTJEPA, ViTJEPAConfig
 
@@ -420,3 +422,32 @@ def test_ablation_trains_each_variant_once_and_writes_the_table(tmp_path, tiny_n
     stamp = (tmp_path / "abl" / "default" / "seed0" / "model" / "model.pt").stat().st_mtime_ns
     assert ablation.main(cfg)["variants"] == runs
     assert (tmp_path / "abl" / "default" / "seed0" / "model" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_size(tmp_path, tiny_npz):
+    """The tiny data is Empty-8x8 at 32 px, cells of 4 px (the collector records it): the spatial
+    encoder halves twice, an 8x8 map, one position per cell, where the side rule alone (data
+    without `cell_px`) halves three times to 4x4."""
+    ok(run("train_jepa.py", "--data", str(tiny_npz), "--out-dir", str(tmp_path / "r"), "--device", "cpu", "--spatial", "--steps", "2"))
+    config = load_checkpoint(tmp_path / "r", arch="jepa_cnn")["model_config"]
+    assert config["cell_px"] == 4 and config["latent_dim"] == 16 * 8 * 8
+    arrays = load_npz(tiny_npz)
+    meta = json.loads(str(arrays["meta"]))
+    del meta["cell_px"]
+    write_npz(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
+    ok(
+        run(
+            "train_jepa.py",
+            "--data",
+            str(tmp_path / "old.npz"),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--spatial",
+            "--steps",
+            "2",
+        )
+    )
+    config = load_checkpoint(tmp_path / "o", arch="jepa_cnn")["model_config"]
+    assert config["cell_px"] == 0 and config["latent_dim"] == 16 * 4 * 4
