@@ -215,34 +215,61 @@ UNSEEN_COLLECT = (
 UNSEEN_TRAIN_FLAGS = ("--steps", "4000", "--compile")
 
 
-def plan_unseen(run: Runner) -> str:
+def unseen_runs(run: Runner) -> tuple[tuple[str, ...], list[tuple[str, ...]], list[tuple[str, ...]], list[dict]]:
     """`make plan-unseen`'s default row with `--train-seeds` training seeds: SimpleCrossingS9N1,
-    the 20 evaluation layouts left out of training, the same data for every seed."""
-    data, collect = UNSEEN_DATA, UNSEEN_COLLECT
-    run(*collect)
+    the 20 evaluation layouts left out of training, the same data for every seed. -> (the
+    collection, the trainings, the plans, each plan's plan.json); the runs are recorded, so a
+    second call costs nothing."""
+    run(*UNSEEN_COLLECT)
     trains, plans = [], []
-    seeds = [str(seed) for seed in range(run.train_seeds)]
-    for seed in seeds:
+    for seed in (str(seed) for seed in range(run.train_seeds)):
         model = f"plan_unseen/model_seed{seed}"
-        train = ("train_jepa.py", "--arch", "cnn", "--spatial", "--data", data, "--seed", seed, "--out-dir", model)
-        trains.append((*train, *UNSEEN_TRAIN_FLAGS))
+        trains.append(
+            ("train_jepa.py", "--arch", "cnn", "--spatial", "--data", UNSEEN_DATA, "--seed", seed, "--out-dir", model, *UNSEEN_TRAIN_FLAGS)
+        )
         plans.append(
             ("plan_with_world_model.py", "--checkpoint", model, "--planner", "imagined", "--env", UNSEEN_ENV)
             + ("--seed", str(UNSEEN_SEED), "--episodes", "20", "--out-dir", f"plan_unseen/plan_seed{seed}")
         )
     # one after another, each with every core: the training time each reports is the recipe's own
-    for train in trains:
-        run(*train)
-    rows, results = [], []
-    for seed, plan in zip(seeds, plans, strict=True):
-        run(*plan)
-        rows.append(plan_row(run, f"spatial CNN JEPA, training seed {seed}", plan[plan.index("--out-dir") + 1]))
-        results.append(json.loads((run.work / plan[plan.index("--out-dir") + 1] / "plan.json").read_text()))
+    for command in (*trains, *plans):
+        run(*command)
+    results = [json.loads((run.work / plan[plan.index("--out-dir") + 1] / "plan.json").read_text()) for plan in plans]
+    return UNSEEN_COLLECT, trains, plans, results
+
+
+def success_summary(results: list[dict]) -> str:
     rates = [r["success_rate"] for r in results]
     mean = sum(rates) / len(rates)
     spread = (sum((x - mean) ** 2 for x in rates) / max(1, len(rates) - 1)) ** 0.5
-    summary = f"Success over the {len(rates)} training seeds: **{mean:.2f} ± {spread:.2f}** (mean ± sample std)."
-    return f"{commands_block(run, collect, *trains, *plans)}\n\n{PLAN_HEADER}\n" + "\n".join(rows) + f"\n\n{summary}"
+    return f"Success over the {len(rates)} training seeds: **{mean:.2f} ± {spread:.2f}** (mean ± sample std)."
+
+
+def plan_unseen(run: Runner) -> str:
+    """The held-out planning block of docs/planning.md: every command, one row per training seed."""
+    collect, trains, plans, results = unseen_runs(run)
+    rows = [plan_row(run, f"spatial CNN JEPA, training seed {seed}", plan[plan.index("--out-dir") + 1]) for seed, plan in enumerate(plans)]
+    return f"{commands_block(run, collect, *trains, *plans)}\n\n{PLAN_HEADER}\n" + "\n".join(rows) + f"\n\n{success_summary(results)}"
+
+
+def unseen_summary(run: Runner) -> str:
+    """The README's short table of the same runs."""
+    _, trains, _, results = unseen_runs(run)
+    lines = [
+        "| training seed | success | steps over the oracle | random policy | s / episode | training time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, (train, r) in enumerate(zip(trains, results, strict=True)):
+        ratio = f"{r['steps_over_oracle']:.2f}x" if r["success_rate"] else "-"
+        lines.append(
+            f"| {seed} | **{r['success_rate']:.2f}** | {ratio} | {r['random_success_rate']:.2f} | {r['seconds_per_episode']:.2f} | {took(run(*train)[1])} |"
+        )
+    where = results[0]["evaluated_on"]["summary"]
+    return (
+        f"{UNSEEN_ENV.removeprefix('MiniGrid-')}, {where}; pure latent planning (`--planner imagined`), {os.cpu_count()} CPU cores.\n\n"
+        + "\n".join(lines)
+        + f"\n\n{success_summary(results)}"
+    )
 
 
 def bench(run: Runner) -> str:
@@ -272,6 +299,7 @@ RECIPES = {
     "plan-demo": Recipe("docs/planning.md", plan_demo),
     "benchmark": Recipe("docs/performance.md", bench),
     "plan-unseen": Recipe("docs/planning.md", plan_unseen, long=True),
+    "plan-unseen-summary": Recipe("README.md", unseen_summary, long=True),
 }
 
 

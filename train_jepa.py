@@ -75,8 +75,8 @@ class TrainConfig(ViTArgs, RunConfig):
     spatial: bool = field(
         default=False,
         metadata={
-            "help": "cnn: the latent is the encoder's feature map (one position per 8 px, a MiniGrid cell at tile 8) and the "
-            "predictor convolutional, the action tiled over the map: generalises to unseen layouts (--latent-dim is then the map's size)"
+            "help": "cnn: the latent is the encoder's feature map (one position per grid cell of 4 or 8 px, as the collector "
+            "recorded it; else per 8 px) and the predictor convolutional, the action tiled over the map: generalises to unseen layouts (--latent-dim is then the map's size)"
         },
     )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
