@@ -85,7 +85,7 @@ ablation: setup
 	$(BIN)/python ablation.py --data $(DEMO_DATA) --steps 648 --seeds 0 --out-dir ablation --readme docs/training.md
 
 # rebuild every printed example and results table in the docs from the current code (regenerate_docs.py):
-# the quick ones (~15 min on 2 cores), or also the long ones (held-out planning, three training seeds: hours)
+# the quick ones (~15 min on 2 cores), or also the long ones (held-out planning, three training seeds: ~50 min)
 docs: setup
 	$(BIN)/python regenerate_docs.py
 

@@ -2,7 +2,7 @@
 
     python regenerate_docs.py                     # the quick recipes (~15 min on 2 CPU cores)
     python regenerate_docs.py --only demo-train   # one recipe
-    python regenerate_docs.py --long              # also the long ones (ablation, held-out planning: hours)
+    python regenerate_docs.py --long              # also the long ones (held-out planning, three training seeds: ~50 min on 2 cores)
     python regenerate_docs.py --check             # only check that the docs' blocks and the recipes match
 
 Each generated block sits between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`
@@ -52,7 +52,7 @@ GENERATED = ("<!-- generated: ", "<!-- end generated: ")
 @dataclass
 class DocsConfig:
     only: list[str] = field(default_factory=list, metadata={"help": "recipes to run (default: every quick one)", "repeat": True})
-    long: bool = field(default=False, metadata={"help": "also run the long recipes (hours on 2 cores)"})
+    long: bool = field(default=False, metadata={"help": "also run the long recipes (~50 min on 2 cores)"})
     check: bool = field(default=False, metadata={"help": "only check that every block in the docs has a recipe and back"})
     train_seeds: int = field(default=3, metadata={"help": "training seeds of the held-out planning recipe (mean and spread)"})
     keep: str = field(
