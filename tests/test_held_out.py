@@ -32,6 +32,22 @@ def test_excluded_layouts_are_not_in_the_data_and_the_seeds_are_recorded(tmp_pat
     assert report["seen_in_training"] == 0, report
 
 
+def test_an_env_of_one_layout_has_nothing_to_hold_out_and_says_so(tmp_path, capsys):
+    """Empty rooms draw one layout for every seed: `make plan-unseen ENV=MiniGrid-Empty-8x8-v0`
+    must still run, the data differing from the evaluation by start cells only, and the
+    evaluation report must say its layouts were in training."""
+    out, empty = tmp_path / "e.npz", "MiniGrid-Empty-5x5-v0"
+    cfg = CollectConfig(
+        env=empty, episodes=4, max_steps=3, image_size=40, seed=0, exclude_layouts="10000:10005", start="random", out=str(out)
+    )
+    collect_main(cfg)
+    assert "draws one layout for all 5 seeds" in capsys.readouterr().out
+    meta = json.loads(str(load_npz(out)["meta"]))
+    assert meta["reset_seeds"] == [0, 1, 2, 3]
+    env, _ = make_env(empty, "rgb", 40)
+    assert evaluated_layouts(env, empty, meta, list(range(10000, 10005)))["seen_in_training"] == 5
+
+
 def test_without_exclusion_the_same_seeds_overlap_in_layouts(tmp_path):
     """The reason for --exclude-layouts: disjoint seed ranges still share layouts here."""
     env, _ = make_env(CROSSING, "rgb", 36)
