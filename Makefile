@@ -57,8 +57,9 @@ plan: setup
 	$(BIN)/python plan_with_world_model.py --checkpoint checkpoints/jepa_cnn --episodes 20 --out-dir planning
 
 # plan on layouts the model never saw: collect TRAIN_LAYOUTS episodes of ENV (random starts, walks to
-# random cells, walking over the goal; a power of two pixels per cell, at least 64 px in all: 8 for a
-# 9x9 grid, 4 for 19x19, so that a cell is one position of the model's map) leaving out every layout
+# random cells, walking over the goal; a power of two pixels per cell, 8 at most, the frame at least
+# 64 px where 8 px cells allow: 8 for a 9x9 grid, 4 for 19x19, 8 (48 px) for 6x6, so that a cell is
+# one position of the model's map, which three halvings reach from 8 px) leaving out every layout
 # the evaluation's seeds draw, train the spatial CNN JEPA, plan with the imagined search on
 # PLAN_EPISODES layouts from EVAL_SEED on.
 # plan.json says whether those layouts were in the training data (compared grid by grid).
@@ -72,7 +73,7 @@ PLAN_EPISODES ?= 20
 # --compile: about 2x on a CPU (S9N1 trains in 15 min on 2 cores)
 PLAN_TRAIN_FLAGS ?= --steps 4000 --compile
 plan-unseen: setup
-	@size=$$($(BIN)/python -c "import math, gymnasium as gym, minigrid; u = gym.make('$(ENV)').unwrapped; w = max(u.width, u.height); print(w * 2 ** math.ceil(math.log2(64 / w)))") && \
+	@size=$$($(BIN)/python -c "import math, gymnasium as gym, minigrid; u = gym.make('$(ENV)').unwrapped; w = max(u.width, u.height); print(w * min(8, 2 ** math.ceil(math.log2(64 / w))))") && \
 	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed 0 \
 		--exclude-layouts $(EVAL_SEED):$$(( $(EVAL_SEED) + $(PLAN_EPISODES) )) --through-goal \
 		--start random --actions nav --policy waypoints --image-size $$size --out $(OUT)/data.npz --overwrite && \

@@ -428,26 +428,16 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
     """The tiny data is Empty-8x8 at 32 px, cells of 4 px (the collector records it): the spatial
     encoder halves twice, an 8x8 map, one position per cell, where the side rule alone (data
     without `cell_px`) halves three times to 4x4."""
-    ok(run("train_jepa.py", "--data", str(tiny_npz), "--out-dir", str(tmp_path / "r"), "--device", "cpu", "--spatial", "--steps", "2"))
-    config = load_checkpoint(tmp_path / "r", arch="jepa_cnn")["model_config"]
+
+    def trained_config(data, out):
+        ok(run("train_jepa.py", "--data", str(data), "--out-dir", str(out), "--device", "cpu", "--spatial", "--steps", "2"))
+        return load_checkpoint(out, arch="jepa_cnn")["model_config"]
+
+    config = trained_config(tiny_npz, tmp_path / "r")
     assert config["cell_px"] == 4 and config["latent_dim"] == 16 * 8 * 8
     arrays = load_npz(tiny_npz)
     meta = json.loads(str(arrays["meta"]))
     del meta["cell_px"]
     write_npz(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
-    ok(
-        run(
-            "train_jepa.py",
-            "--data",
-            str(tmp_path / "old.npz"),
-            "--out-dir",
-            str(tmp_path / "o"),
-            "--device",
-            "cpu",
-            "--spatial",
-            "--steps",
-            "2",
-        )
-    )
-    config = load_checkpoint(tmp_path / "o", arch="jepa_cnn")["model_config"]
+    config = trained_config(tmp_path / "old.npz", tmp_path / "o")
     assert config["cell_px"] == 0 and config["latent_dim"] == 16 * 4 * 4
