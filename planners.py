@@ -27,6 +27,8 @@ UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is k
 # number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
 # for a JEPA's latents.
 PLAN_BATCH = 1024
+# a spatial latent's state comparisons hold [positions, rows, states] floats at a time: 64 MB
+SAME_STATE_BLOCK = 2**24
 
 
 class Imagination:
@@ -71,7 +73,7 @@ class Imagination:
         d = torch.cdist(a, b).pow(2)
         return d / a.shape[1] if self.pixels else d
 
-    def same_state_distance(self, a: torch.Tensor, b: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    def same_state_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[S,F] x [G,F] -> [S,G], the distance that re-identifies states. For a spatial latent,
         the largest over map positions of the squared distance of that position's unit vectors:
         two states differ where any one cell differs, however small the cell, while prediction
@@ -81,12 +83,15 @@ class Imagination:
         if self.cells is None:
             return self.distance(a, b)
         c, h, w = self.cells
-        b = F.normalize(b.reshape(len(b), c, h * w), dim=1).permute(2, 0, 1)  # [P,G,C]
+        # unit vectors u, v: |u - v|^2 = 2 - 2 u.v, so the largest distance is the smallest dot
+        # product, one batched product per position (half the time of cdist's)
+        b = F.normalize(b.reshape(len(b), c, h * w), dim=1).permute(2, 1, 0)  # [P,C,G]
+        rows = max(1, SAME_STATE_BLOCK // (h * w * max(1, len(b[0, 0]))))  # bounded memory: [P,rows,G] at a time
         out = []
-        for part in a.split(rows):  # bounded memory: [P,rows,G] at a time
+        for part in a.split(rows):
             part = F.normalize(part.reshape(len(part), c, h * w), dim=1).permute(2, 0, 1)  # [P,rows,C]
-            out.append(torch.cdist(part, b).pow(2).amax(0))
-        return torch.cat(out) if out else a.new_zeros(0, len(b[0]) if len(b) else 0)
+            out.append((2 - 2 * torch.bmm(part, b).amin(0)).clamp_(min=0))
+        return torch.cat(out) if out else a.new_zeros(0, len(b[0, 0]))
 
 
 class LatentGraph:

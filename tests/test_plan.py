@@ -320,6 +320,26 @@ def test_imagined_search_size_is_taken_from_the_latent_map():
     assert ImaginedGraph(imag, [0, 1, 2], 0.5, max_nodes=7).max_nodes == 7
 
 
+@pytest.mark.parametrize("block", [2**24, 50])  # one block, or a few rows at a time
+def test_spatial_same_state_distance_is_the_largest_distance_of_one_position(monkeypatch, block):
+    """On a spatial latent [C,h,w], two states' distance is the largest over positions of the
+    squared distance of their unit vectors there (a brute force here); one cell changed by a unit
+    vector's opposite is 4, however small the map's other changes."""
+    monkeypatch.setattr("planners.SAME_STATE_BLOCK", block)
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    imag.cells = c, h, w = (4, 3, 5)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, c * h * w, generator=gen), torch.randn(6, c * h * w, generator=gen)
+    unit = lambda x: F.normalize(x.view(len(x), c, h * w), dim=1)  # noqa: E731
+    brute = ((unit(a)[:, None] - unit(b)[None]) ** 2).sum(2).amax(2)  # [7,6]
+    torch.testing.assert_close(imag.same_state_distance(a, b), brute, atol=1e-5, rtol=1e-5)
+    flipped = a[:1].clone().view(c, h * w)
+    flipped[:, 4] *= -1
+    near = a[:1] + 1e-3 * torch.randn(1, c * h * w, generator=gen)
+    assert imag.same_state_distance(a[:1], torch.cat([flipped.view(1, -1), near]))[0].tolist() == pytest.approx([4.0, 0.0], abs=1e-3)
+    assert imag.same_state_distance(a[:0], b).shape == (0, 6)
+
+
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
     """Forward changes nothing in this model: the imagined map is the four directions of the
     start cell, merged however often they are reached, and the search never walks."""
