@@ -13,6 +13,7 @@ frames)`, `act(frame) -> action` and `beliefs(frame)` (what it thinks of the cur
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from minigrid_dataset import MiniGridTransitions
 from model_configs import feature_map_shape
 
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # [S,F] x [G,F] -> [S,G]
 UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
 # Candidates go through the model this many at a time, so memory stays bounded whatever their
 # number: ~0.5 GB for the encoder-decoder at 64 px (measured ~470 kB per imagined frame), a few MB
@@ -206,25 +208,27 @@ def step_scale(steps: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def local_steps(imagination: "Imagination", state: torch.Tensor, vector: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """The distances of every imagined step within two actions of a state [1,...] (its vector
-    [1,F]): A first steps and A*A second ones. Two levels, because from a state facing a wall the
-    only real first steps are turns, larger than the forward steps everywhere else."""
+def local_steps(
+    imagination: "Imagination", state: torch.Tensor, vector: torch.Tensor, actions: torch.Tensor, distance: Distance
+) -> torch.Tensor:
+    """The distances (by `distance`) of every imagined step within two actions of a state [1,...]
+    (its vector [1,F]): A first steps and A*A second ones. Two levels, because from a state facing
+    a wall the only real first steps are turns, larger than the forward steps everywhere else."""
     n = len(actions)
     first = imagination.step(state.expand(n, *state.shape[1:]), actions)  # [A,...]
     v1 = imagination.embed(first)
     second = imagination.embed(imagination.step(first.repeat_interleave(n, 0), actions.repeat(n)))  # [A*A,F]
-    d1 = imagination.same_state_distance(vector, v1)[0]
-    d2 = [imagination.same_state_distance(v1[i : i + 1], second[i * n : (i + 1) * n])[0] for i in range(n)]
+    d1 = distance(vector, v1)[0]
+    d2 = [distance(v1[i : i + 1], second[i * n : (i + 1) * n])[0] for i in range(n)]
     return torch.cat([d1, *d2])
 
 
-def first_of_each(vec: torch.Tensor, candidates: torch.Tensor, radius: float, im: "Imagination") -> list[int]:
+def first_of_each(vec: torch.Tensor, candidates: torch.Tensor, radius: float, distance: Distance) -> list[int]:
     """Of the candidate states (indices into vec [N,F]), the first of each group that is one
     state: a candidate within `radius` of one kept before it is that state reached twice."""
     if not len(candidates):
         return []
-    near = (im.same_state_distance(vec[candidates], vec[candidates]) <= radius).cpu().numpy()  # [k,k]
+    near = (distance(vec[candidates], vec[candidates]) <= radius).cpu().numpy()  # [k,k]
     covered = np.zeros(len(candidates), bool)
     kept = []
     for j in range(len(candidates)):
@@ -250,8 +254,16 @@ class ImaginedGraph:
     cut the way to the goal, `path_from` is the shortest path from any state, and `explore_from`
     the way to the nearest step not yet tried.
 
-    The merge radius is relative: `merge` times the shortest real step from the map's first state
-    (see `step_scale`), so it needs no tuning per model. So is the size of a map (`max_nodes` 0):
+    Distances are relative: in units of the shortest real step from the map's first state (see
+    `step_scale`), so the merge radius, `merge` steps, needs no tuning per model. A spatial latent
+    is compared two ways, each in its own units, and two states are one when either says so:
+    cell by cell (`Imagination.same_state_distance`), where a step that changes one cell is as far
+    as one that changes many, and as whole latents, where an error at one cell is diluted by the
+    rest. Each alone failed where the other held (measured on held-out SimpleCrossing layouts,
+    three trainings): cell by cell, one model's predictions of turns erred at single cells on the
+    edge of the agent's highlighted view, up to 3 radii off, so its frames were never
+    re-identified (a new map every step, 2 of 20 episodes failed); whole, another model's
+    imagined step onto the goal stayed 1.1-2.2 radii from the goal frame (2 of 20 failed). So is the size of a map (`max_nodes` 0):
     a spatial latent's map has h x w positions, an agent on one of them faces one of 4 ways, and a
     map of more than twice those states has split states it should have merged; growing it
     further costs time (each new state is compared with every known one). (Measured on held-out
@@ -264,7 +276,11 @@ class ImaginedGraph:
         self.max_nodes = max_nodes or (8 * cells[1] * cells[2] if cells else DEFAULT_MAX_NODES)
         self.searches = 0  # maps drawn from scratch this episode, each a full search
         self.vectors: torch.Tensor | None = None  # [N,F] of the map's states; None: no map yet
-        self.nodes, self.radius, self.reached = 0, 0.0, False  # of the map and its last path
+        self.nodes, self.reached = 0, False  # of the map and its last path
+        # a spatial latent's two views of a distance (see above); else its one
+        views = [imagination.distance] if cells is None else [imagination.same_state_distance, imagination.distance]
+        self.views: list[Distance] = views
+        self.scales = [1.0] * len(views)  # the shortest real step from the map's first state, per view
 
     def forget(self) -> None:
         """Drops the map (a new episode's layout is another)."""
@@ -277,14 +293,23 @@ class ImaginedGraph:
         im = self.imagination
         self.goal, self.searches = goal, self.searches + 1
         self.states, self.vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
-        self.radius = self.merge * step_scale(local_steps(im, self.states, self.vectors, self.actions))
-        self.goal_dist = im.same_state_distance(self.vectors, goal).min(1).values  # [N]
+        self.scales = [step_scale(local_steps(im, self.states, self.vectors, self.actions, view)) for view in self.views]
+        self.goal_dist = self.distance(self.vectors, goal).min(1).values  # [N]
         # edges[i, a]: the state action a leads to from state i (-1: not imagined); states
         # [0, expanded) have been stepped by every action, the rest are the frontier
         self.edges, self.expanded = np.full((1, len(self.actions)), -1), 0
         self.tried = np.zeros((1, len(self.actions)), bool)  # steps the agent has taken (edges as they really are)
         self.grow(0)
         return self.path_from(0)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[S,F] x [G,F] -> [S,G] in units of the map's shortest real step: the nearer of the views
+        (a view whose steps were all too small to tell apart says only "identical" or "apart")."""
+        out = []
+        for view, scale in zip(self.views, self.scales, strict=True):
+            d = view(a, b)
+            out.append(d / scale if scale > 0 else torch.where(d > 0, torch.inf, 0.0))
+        return torch.stack(out).amin(0)
 
     def grow(self, source: int) -> None:
         """Extends the map breadth-first, a layer at a time, until it holds a path from `source`
@@ -307,15 +332,15 @@ class ImaginedGraph:
         # every frontier state x every action, one batch: [F*A,...]
         nxt = im.step(self.states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
         vec = im.embed(nxt)
-        near, lead = im.same_state_distance(vec, self.vectors).min(1)  # [F*A]: nearest known state
-        unknown = near > self.radius
-        fresh = first_of_each(vec, unknown.nonzero().flatten(), self.radius, im)
+        near, lead = self.distance(vec, self.vectors).min(1)  # [F*A]: nearest known state
+        unknown = near > self.merge
+        fresh = first_of_each(vec, unknown.nonzero().flatten(), self.merge, self.distance)
         first = len(self.vectors)
         if fresh:
             # a new prediction leads to the fresh state it is (or was merged into)
-            lead[unknown] = first + im.same_state_distance(vec[unknown], vec[fresh]).argmin(1)
+            lead[unknown] = first + self.distance(vec[unknown], vec[fresh]).argmin(1)
             self.states, self.vectors = torch.cat([self.states, nxt[fresh]]), torch.cat([self.vectors, vec[fresh]])
-            self.goal_dist = torch.cat([self.goal_dist, im.same_state_distance(vec[fresh], self.goal).min(1).values])
+            self.goal_dist = torch.cat([self.goal_dist, self.distance(vec[fresh], self.goal).min(1).values])
         self.edges[self.expanded :] = lead.reshape(len(frontier), n_actions).cpu().numpy()
         self.edges = np.concatenate([self.edges, np.full((len(fresh), n_actions), -1)])
         self.tried = np.concatenate([self.tried, np.zeros((len(fresh), n_actions), bool)])
@@ -324,7 +349,7 @@ class ImaginedGraph:
     def _bfs(self, source: int) -> tuple[dict[int, int], list[int], int | None]:
         """Breadth-first over the map's edges from `source`: each reached state's parent, the
         states in the order reached, and the first goal state reached (None: none is)."""
-        at_goal = (self.goal_dist <= self.radius).cpu().numpy()
+        at_goal = (self.goal_dist <= self.merge).cpu().numpy()
         parent, order, queue = {source: -1}, [], deque([source])
         while queue:
             node = queue.popleft()
@@ -383,11 +408,11 @@ class ImaginedGraph:
         the merge radius), or None when it is none of them."""
         if self.vectors is None:
             return None
-        d = self.imagination.same_state_distance(vector, self.vectors)[0]
-        if expected is not None and expected >= 0 and float(d[expected]) <= self.radius:
+        d = self.distance(vector, self.vectors)[0]
+        if expected is not None and expected >= 0 and float(d[expected]) <= self.merge:
             return expected
         node = int(d.argmin())
-        return node if float(d[node]) <= self.radius else None
+        return node if float(d[node]) <= self.merge else None
 
     def record(self, node: int, action: int, arrived: int | None) -> None:
         """The agent took `action` from `node` and arrived at state `arrived` (None: one not in

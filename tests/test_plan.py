@@ -225,13 +225,16 @@ def test_cem_graph_planner_walks_shortest_paths(imagination, graph):
     assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
 
 
-def test_imagined_search_walks_shortest_paths_without_any_dataset_frame():
+@pytest.mark.parametrize("cells", [None, (16, 4, 4)])  # a latent vector, or read as a 4x4 map of 16 channels
+def test_imagined_search_walks_shortest_paths_without_any_dataset_frame(cells):
     """From each start the search sees only the current frame and the goal frames: the map it
     imagines re-identifies every state (the perfect model predicts each exactly), so it holds
     the grid's states and no more, and following it is a shortest path. (256 dimensions: among
     random unit vectors in fewer, some distinct states are closer than the merge radius, which
     a trained encoder avoids by learning to tell states apart.)"""
-    planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    imag.cells = cells  # (a 4x4 map would cap the search at 128 states: the grid has 144)
+    planner = planner_for(imag, None, planner="imagined", max_nodes=DEFAULT_MAX_NODES)
     assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
     actions, nodes = planner.imagined.search(frame((1, 1, 2)), planner.goal)
     assert len(actions) == DIST[(1, 1, 2)] == len(nodes)
@@ -318,6 +321,27 @@ def test_imagined_search_size_is_taken_from_the_latent_map():
     imag.cells = (16, 4, 4)  # as a spatial latent: 16 channels on a 4x4 map
     assert ImaginedGraph(imag, [0, 1, 2], 0.5).max_nodes == 8 * 4 * 4
     assert ImaginedGraph(imag, [0, 1, 2], 0.5, max_nodes=7).max_nodes == 7
+
+
+def test_a_spatial_map_compares_states_both_ways_each_in_its_own_steps():
+    """A spatial latent's distance in the map is the nearer of the cell-by-cell and the whole-latent
+    views, each divided by its shortest real step; a view whose steps were all too small to
+    tell apart says only "identical" (0) or "apart" (inf). A latent without a map has one view."""
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    assert len(ImaginedGraph(imag, NAV, 0.5).views) == 1
+    imag.cells = (16, 4, 4)
+    g = ImaginedGraph(imag, NAV, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 256, generator=gen), torch.randn(3, 256, generator=gen)
+    g.scales = [2.0, 0.25]
+    expected = torch.minimum(imag.same_state_distance(a, b) / 2.0, imag.distance(a, b) / 0.25)
+    torch.testing.assert_close(g.distance(a, b), expected)
+    g.scales = [0.0, 0.0]
+    assert g.distance(a, torch.cat([a[:1], b])).tolist()[0] == [0.0, *[math.inf] * 3]
+    # the search measures both views' steps from its first state
+    planner = planner_for(imag, None, planner="imagined")
+    planner.act(frame((1, 1, 0)))
+    assert all(s > 0 for s in planner.imagined.scales) and planner.imagined.scales[0] != planner.imagined.scales[1]
 
 
 @pytest.mark.parametrize("block", [2**24, 50])  # one block, or a few rows at a time
