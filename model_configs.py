@@ -33,6 +33,7 @@ class JEPAConfig:
     pred_loss: str = "normalized"  # seed 003's MSE of unit vectors, or "mse" of the raw latents (norm included)
     spatial: bool = False  # the latent is the encoder's feature map (latent_dim = its size), the predictor convolutional
     cell_px: int = 0  # spatial: pixels per grid cell of the frames (0: unknown); see `halvings`
+    idm_head: str = "mlp"  # the inverse-dynamics head: "mlp" on the flattened latents, or "conv" over a spatial map
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
@@ -41,6 +42,8 @@ class JEPAConfig:
             raise ValueError(f"pred_loss must be one of {PRED_LOSSES}, got {self.pred_loss!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.idm_head not in ("mlp", "conv") or (self.idm_head == "conv" and not self.spatial):
+            raise ValueError(f"idm_head must be 'mlp', or 'conv' for a spatial latent, got {self.idm_head!r} (spatial={self.spatial})")
 
 
 def halvings(obs_shape: list[int], channels: list[int], spatial: bool = False, cell_px: int = 0) -> list[bool]:

@@ -103,6 +103,32 @@ class SpatialPredictor(nn.Module):
         return z + self.net(torch.cat([m, a], dim=1)).flatten(1)
 
 
+class SpatialInverse(nn.Module):
+    """(map_t, map_t+1) -> action logits, convolutional, then the largest response over the map:
+    an action shows where the agent is, which can be any cell, so one detector slid over the map
+    learns it once where a linear layer on the flattened maps learns it cell by cell. (Measured
+    on FourRooms' 19x19 map: the linear head stayed at chance, cross-entropy 1.07-1.10 for 3
+    actions, for the first 2,000 steps.)"""
+
+    def __init__(self, *, map_shape: tuple[int, int, int], hidden_dim: int, num_actions: int):
+        super().__init__()
+        self.map_shape = map_shape
+        c = map_shape[0]
+        self.net = nn.Sequential(
+            nn.Conv2d(2 * c, hidden_dim, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.out = nn.Linear(hidden_dim, num_actions)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        # pair: [..., 2*c*h*w] (z_t then z_t+1, flattened) -> maps [N,2c,h,w] -> [N,hidden] -> [..., A]
+        lead = pair.shape[:-1]
+        maps = pair.reshape(-1, 2 * self.map_shape[0], *self.map_shape[1:])
+        return self.out(self.net(maps).amax(dim=(2, 3))).view(*lead, -1)
+
+
 class LatentPredictor(nn.Module):
     """(z_t, action) -> z_t+1: an MLP on the latent concatenated with the action embedding."""
 
@@ -172,7 +198,9 @@ class JEPAWorldModel(nn.Module):
                 hidden_dim=config.predictor_hidden_dim,
                 residual=config.residual,
             )
-        if config.idm_coeff > 0:
+        if config.idm_coeff > 0 and config.idm_head == "conv":
+            self.inverse = SpatialInverse(map_shape=shape, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions)
+        elif config.idm_coeff > 0:
             self.inverse = inverse_dynamics_head(
                 latent_dim=config.latent_dim, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions
             )

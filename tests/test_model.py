@@ -270,3 +270,37 @@ def test_spatial_vicreg_counts_every_position_as_a_sample_of_the_channels():
     z = model.encode(obs).view(4, 4, 64).transpose(1, 2).reshape(-1, 4)
     torch.testing.assert_close(terms["std_loss"], vicreg_std_loss(z))
     torch.testing.assert_close(terms["cov_loss"], vicreg_cov_loss(z))
+
+
+def test_spatial_inverse_head_reads_the_action_wherever_it_happens():
+    """idm_head="conv": the same change anywhere on the map gives the same logits (one detector
+    slid over the map, then the largest response), [B,T,A] from [B,T,2D]; it learns the toy
+    world's action where the bright pixel starts; a latent without a map cannot have it."""
+    from world_model_jepa import SpatialInverse
+
+    kw = dict(spatial=True, channels=[8, 8, 4], latent_dim=4 * 4 * 4, predictor_hidden_dim=8, num_actions=3, idm_coeff=1.0)
+    model = make_model((32, 32, 3), **kw, idm_head="conv")
+    assert isinstance(model.inverse, SpatialInverse)
+    head = SpatialInverse(map_shape=(4, 8, 8), hidden_dim=8, num_actions=3)
+    before, after = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    after[0, :, 3, 3] = after[1, :, 4, 4] = torch.randn(4)  # one change, at two places away from the border
+    logits = head(torch.cat([before.flatten(1), after.flatten(1)], -1)[None])
+    assert logits.shape == (1, 2, 3)
+    torch.testing.assert_close(logits[0, 0], logits[0, 1])
+    torch.manual_seed(0)
+    obs, nxt, action = torch.zeros(48, 32, 32, 3, dtype=torch.uint8), torch.zeros(48, 32, 32, 3, dtype=torch.uint8), torch.arange(48) % 3
+    for i in range(48):
+        r, c = 8 * (i % 4), 4 * (i % 5)
+        obs[i, r : r + 8, c : c + 8] = 255
+        nxt[i, r : r + 8, c + 4 * int(action[i]) : c + 4 * int(action[i]) + 8] = 255
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, terms = model.loss(*one_step(obs, action, nxt))
+        first = first if first is not None else float(terms["idm_loss"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(terms["idm_loss"]) < 0.2 * first
+    with pytest.raises(ValueError, match="idm_head"):
+        make_model((32, 32, 3), latent_dim=16, idm_coeff=1.0, idm_head="conv")

@@ -327,6 +327,7 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--action-emb-dim", "-1"], "--action-emb-dim must be from 1 to 65536"),
         (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be from 1 to 65536"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
+        (["--idm-head", "conv"], "--idm-head conv slides over the feature map of --arch cnn --spatial"),
     ],
 )
 def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, message):
@@ -429,12 +430,18 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
     encoder halves twice, an 8x8 map, one position per cell, where the side rule alone (data
     without `cell_px`) halves three times to 4x4."""
 
-    def trained_config(data, out):
-        ok(run("train_jepa.py", "--data", str(data), "--out-dir", str(out), "--device", "cpu", "--spatial", "--steps", "2"))
+    def trained_config(data, out, *flags):
+        ok(run("train_jepa.py", "--data", str(data), "--out-dir", str(out), "--device", "cpu", "--spatial", "--steps", "2", *flags))
         return load_checkpoint(out, arch="jepa_cnn")["model_config"]
 
     config = trained_config(tiny_npz, tmp_path / "r")
-    assert config["cell_px"] == 4 and config["latent_dim"] == 16 * 8 * 8
+    assert config["cell_px"] == 4 and config["latent_dim"] == 16 * 8 * 8 and config["idm_head"] == "mlp"
+    # the convolutional inverse-dynamics head is saved with the model and rebuilt from it
+    from models import model_from_checkpoint
+    from world_model_jepa import SpatialInverse
+
+    assert trained_config(tiny_npz, tmp_path / "c", "--idm-head", "conv")["idm_head"] == "conv"
+    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "c", arch="jepa_cnn")).inverse, SpatialInverse)
     arrays = load_npz(tiny_npz)
     meta = json.loads(str(arrays["meta"]))
     del meta["cell_px"]
