@@ -295,7 +295,7 @@ def test_spatial_inverse_head_reads_the_action_wherever_it_happens():
         nxt[i, r : r + 8, c + 4 * int(action[i]) : c + 4 * int(action[i]) + 8] = 255
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
-    for _ in range(150):
+    for _ in range(100):
         loss, terms = model.loss(*one_step(obs, action, nxt))
         first = first if first is not None else float(terms["idm_loss"])
         opt.zero_grad()

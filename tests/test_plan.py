@@ -235,7 +235,8 @@ def test_imagined_search_walks_shortest_paths_without_any_dataset_frame(cells):
     imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
     imag.cells = cells  # (a 4x4 map would cap the search at 128 states: the grid has 144)
     planner = planner_for(imag, None, planner="imagined", max_nodes=DEFAULT_MAX_NODES)
-    assert {s: drive(planner, s) for s in STARTS} == {s: DIST[s] for s in STARTS}
+    starts = STARTS if cells is None else STARTS[::5]  # the map's two views: a fifth of the starts is enough
+    assert {s: drive(planner, s) for s in starts} == {s: DIST[s] for s in starts}
     actions, nodes = planner.imagined.search(frame((1, 1, 2)), planner.goal)
     assert len(actions) == DIST[(1, 1, 2)] == len(nodes)
 
