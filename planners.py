@@ -263,12 +263,13 @@ class ImaginedGraph:
     three trainings): cell by cell, one model's predictions of turns erred at single cells on the
     edge of the agent's highlighted view, up to 3 radii off, so its frames were never
     re-identified (a new map every step, 2 of 20 episodes failed); whole, another model's
-    imagined step onto the goal stayed 1.1-2.2 radii from the goal frame (2 of 20 failed). So is the size of a map (`max_nodes` 0):
-    a spatial latent's map has h x w positions, an agent on one of them faces one of 4 ways, and a
-    map of more than twice those states has split states it should have merged; growing it
-    further costs time (each new state is compared with every known one). (Measured on held-out
-    SimpleCrossing layouts, 9x9 maps: the slow episodes, 20-70 s, were those whose searches ran to
-    a fixed cap of 3,000 states.)"""
+    imagined step onto the goal stayed 1.1-2.2 radii from the goal frame (2 of 20 failed).
+
+    The size of a map needs no tuning either (`max_nodes` 0): a spatial latent's map has h x w
+    positions, an agent on one of them faces one of 4 ways, and a map of more than twice those
+    states has split states it should have merged; growing it further costs time (each new state
+    is compared with every known one). (Measured on held-out SimpleCrossing layouts, 9x9 maps:
+    the slow episodes, 20-70 s, were those whose searches ran to a fixed cap of 3,000 states.)"""
 
     def __init__(self, imagination: Imagination, actions: list[int], merge: float, max_nodes: int = 0):
         self.imagination, self.actions, self.merge = imagination, torch.tensor(actions), merge
