@@ -436,15 +436,14 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
 
     config = trained_config(tiny_npz, tmp_path / "r")
     assert config["cell_px"] == 4 and config["latent_dim"] == 16 * 8 * 8 and config["idm_head"] == "mlp"
-    # the convolutional inverse-dynamics head is saved with the model and rebuilt from it
-    from models import model_from_checkpoint
-    from world_model_jepa import SpatialInverse
-
-    assert trained_config(tiny_npz, tmp_path / "c", "--idm-head", "conv")["idm_head"] == "conv"
-    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "c", arch="jepa_cnn")).inverse, SpatialInverse)
     arrays = load_npz(tiny_npz)
     meta = json.loads(str(arrays["meta"]))
     del meta["cell_px"]
     write_npz(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
-    config = trained_config(tmp_path / "old.npz", tmp_path / "o")
-    assert config["cell_px"] == 0 and config["latent_dim"] == 16 * 4 * 4
+    # (with the convolutional inverse-dynamics head: saved with the model and rebuilt from it)
+    config = trained_config(tmp_path / "old.npz", tmp_path / "o", "--idm-head", "conv")
+    assert config["cell_px"] == 0 and config["latent_dim"] == 16 * 4 * 4 and config["idm_head"] == "conv"
+    from models import model_from_checkpoint
+    from world_model_jepa import SpatialInverse
+
+    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "o", arch="jepa_cnn")).inverse, SpatialInverse)
