@@ -306,11 +306,12 @@ class ImaginedGraph:
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[S,F] x [G,F] -> [S,G] in units of the map's shortest real step: the nearer of the views
         (a view whose steps were all too small to tell apart says only "identical" or "apart")."""
-        out = []
+        out = None
         for view, scale in zip(self.views, self.scales, strict=True):
-            d = view(a, b)
-            out.append(d / scale if scale > 0 else torch.where(d > 0, torch.inf, 0.0))
-        return torch.stack(out).amin(0)
+            d = view(a, b)  # a fresh [S,G]: scaled in place (a map's comparisons reach 100 MB)
+            d = d.div_(scale) if scale > 0 else torch.where(d > 0, torch.inf, 0.0)
+            out = d if out is None else torch.minimum(out, d, out=out)
+        return out
 
     def grow(self, source: int) -> None:
         """Extends the map breadth-first, a layer at a time, until it holds a path from `source`
