@@ -279,9 +279,8 @@ class ImaginedGraph:
         self.vectors: torch.Tensor | None = None  # [N,F] of the map's states; None: no map yet
         self.nodes, self.reached = 0, False  # of the map and its last path
         # a spatial latent's two views of a distance (see above); else its one
-        views = [imagination.distance] if cells is None else [imagination.same_state_distance, imagination.distance]
-        self.views: list[Distance] = views
-        self.scales = [1.0] * len(views)  # the shortest real step from the map's first state, per view
+        self.views: list[Distance] = [imagination.distance] if cells is None else [imagination.same_state_distance, imagination.distance]
+        self.scales = [1.0] * len(self.views)  # the shortest real step from the map's first state, per view
 
     def forget(self) -> None:
         """Drops the map (a new episode's layout is another)."""
