@@ -295,6 +295,20 @@ def test_imagined_planner_tries_steps_when_its_model_walls_off_the_goal():
     assert report["steps_exploring"] == len(tried)  # west of the wall every step explored
 
 
+def test_imagined_planner_leaves_a_loop_by_the_step_it_took_least_there(monkeypatch):
+    """A map that keeps sending the agent forward into a wall (a model that splits states draws
+    such maps anew at every frame): the agent takes the planned step REPEATS - 1 times at that
+    frame, then the action it took least there, and so on round the actions."""
+    planner = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
+    monkeypatch.setattr(planner.imagined, "path_from", lambda source: ([2], [source]))
+    s, taken = (6, 1, 3), []  # facing the north wall: forward changes nothing
+    for _ in range(3):
+        taken.append(planner.act(frame(s)))
+    assert planner.REPEATS == 3 and taken == [2, 2, 0]
+    planner.start_episode(tokens(GOAL_STATES))  # a new episode forgets the counts
+    assert planner.act(frame(s)) == 2
+
+
 def test_imagined_cost_to_go_is_the_true_distance_along_the_way_with_a_perfect_model():
     """What the diagnostics correlate with the oracle: after each action, the imagined map's
     steps to the goal from the state acted in. With a perfect model it is the true distance at
@@ -363,6 +377,27 @@ def test_spatial_same_state_distance_is_the_largest_distance_of_one_position(mon
     near = a[:1] + 1e-3 * torch.randn(1, c * h * w, generator=gen)
     assert imag.same_state_distance(a[:1], torch.cat([flipped.view(1, -1), near]))[0].tolist() == pytest.approx([4.0, 0.0], abs=1e-3)
     assert imag.same_state_distance(a[:0], b).shape == (0, 6)
+    # the same distance for named pairs only: row i against the states index[i] names
+    index = torch.tensor([[5, 0], [2, 2], [1, 4], [0, 3], [3, 1], [4, 5], [1, 0]])
+    torch.testing.assert_close(imag.same_state_distance_at(a, b, index), brute.gather(1, index), atol=1e-5, rtol=1e-5)
+
+
+def test_a_map_compares_cell_by_cell_only_the_candidates_nearest_as_whole_latents():
+    """With `candidates` k, the map's distance is exact for each row's k nearest states as whole
+    latents and takes the whole view alone for the others; without, the full comparison."""
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    imag.cells = (16, 4, 4)
+    g = ImaginedGraph(imag, NAV, 0.5)
+    g.scales = [2.0, 0.25]
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 256, generator=gen), torch.randn(9, 256, generator=gen)
+    full, whole = g.distance(a, b), imag.distance(a, b) / 0.25
+    sparse = g.distance(a, b, candidates=3)
+    nearest = whole.topk(3, dim=1, largest=False).indices
+    torch.testing.assert_close(sparse.gather(1, nearest), full.gather(1, nearest))
+    others = torch.ones_like(whole, dtype=torch.bool).scatter_(1, nearest, False)
+    torch.testing.assert_close(sparse[others], whole[others])
+    torch.testing.assert_close(g.distance(a, b, candidates=9), full)
 
 
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
