@@ -34,6 +34,7 @@ class JEPAConfig:
     spatial: bool = False  # the latent is the encoder's feature map (latent_dim = its size), the predictor convolutional
     cell_px: int = 0  # spatial: pixels per grid cell of the frames (0: unknown); see `halvings`
     idm_head: str = "mlp"  # the inverse-dynamics head: "mlp" on the flattened latents, or "conv" over a spatial map
+    idm_hidden_dim: int = 0  # the inverse-dynamics head's width (0: predictor_hidden_dim's)
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):

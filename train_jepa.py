@@ -88,6 +88,13 @@ class TrainConfig(ViTArgs, RunConfig):
             "choices": ["mlp", "conv"],
         },
     )
+    idm_hidden_dim: int = field(
+        default=0,
+        metadata={
+            "help": "cnn: the inverse-dynamics head's width (0: the predictor's). On SimpleCrossing's 9x9 map, --idm-head conv "
+            "at 64 (the --spatial predictor's) collapsed the latent after 2,200 steps, at 32 it held: see docs/planning.md"
+        },
+    )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
@@ -117,7 +124,7 @@ ONLY_FOR = {
         "arrangement",
         "patch_norm",
     ),
-    "cnn": ("vc_all_steps", "pred_loss", "spatial", "idm_head"),
+    "cnn": ("vc_all_steps", "pred_loss", "spatial", "idm_head", "idm_hidden_dim"),
 }
 
 
@@ -169,7 +176,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         # data from before the collector recorded the cell size (0) keep the side rule
         cell = int(data.meta.get("cell_px", 0))
         m = feature_map_shape(shape, SPATIAL_CHANNELS, cell_px=cell)
-        spatial = dict(
+        sizes = dict(
             spatial=True,
             channels=SPATIAL_CHANNELS,
             predictor_hidden_dim=SPATIAL_HIDDEN,
@@ -178,7 +185,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
             idm_head=cfg.idm_head,
         )
     else:
-        spatial = dict(latent_dim=cfg.latent_dim)
+        sizes = dict(latent_dim=cfg.latent_dim)
     return JEPAConfig(
         obs_shape=shape,
         num_actions=data.num_actions,
@@ -192,7 +199,8 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
         cov_coeff=c["cov"],
         vc_all_steps=cfg.vc_all_steps,
         pred_loss=cfg.pred_loss,
-        **spatial,
+        idm_hidden_dim=cfg.idm_hidden_dim,
+        **sizes,
         **objective(cfg),
     )
 
@@ -231,6 +239,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             fail(f"{name} must be a finite weight >= 0 (0: off), got {value}")
     if coeffs(cfg)["sim"] == 0:
         fail("--sim-coeff 0 leaves the predictor untrained; the prediction loss needs a positive weight")
+    if cfg.idm_hidden_dim < 0:
+        fail(f"--idm-hidden-dim must be a width > 0, or 0 for the predictor's, got {cfg.idm_hidden_dim}")
     if cfg.idm_head == "conv" and not (cfg.arch == "cnn" and cfg.spatial):
         fail("--idm-head conv slides over the feature map of --arch cnn --spatial; other latents have no map (use mlp)")
     if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":

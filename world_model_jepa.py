@@ -198,12 +198,11 @@ class JEPAWorldModel(nn.Module):
                 hidden_dim=config.predictor_hidden_dim,
                 residual=config.residual,
             )
+        idm_hidden = config.idm_hidden_dim or config.predictor_hidden_dim
         if config.idm_coeff > 0 and config.idm_head == "conv":
-            self.inverse = SpatialInverse(map_shape=shape, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions)
+            self.inverse = SpatialInverse(map_shape=shape, hidden_dim=idm_hidden, num_actions=config.num_actions)
         elif config.idm_coeff > 0:
-            self.inverse = inverse_dynamics_head(
-                latent_dim=config.latent_dim, hidden_dim=config.predictor_hidden_dim, num_actions=config.num_actions
-            )
+            self.inverse = inverse_dynamics_head(latent_dim=config.latent_dim, hidden_dim=idm_hidden, num_actions=config.num_actions)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B,H,W,C] -> online latents [B,D]."""

@@ -280,7 +280,8 @@ def test_spatial_inverse_head_reads_the_action_wherever_it_happens():
 
     kw = dict(spatial=True, channels=[8, 8, 4], latent_dim=4 * 4 * 4, predictor_hidden_dim=8, num_actions=3, idm_coeff=1.0)
     model = make_model((32, 32, 3), **kw, idm_head="conv")
-    assert isinstance(model.inverse, SpatialInverse)
+    assert isinstance(model.inverse, SpatialInverse) and model.inverse.out.in_features == 8  # the predictor's width
+    assert make_model((32, 32, 3), **kw, idm_head="conv", idm_hidden_dim=5).inverse.out.in_features == 5
     head = SpatialInverse(map_shape=(4, 8, 8), hidden_dim=8, num_actions=3)
     before, after = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
     after[0, :, 3, 3] = after[1, :, 4, 4] = torch.randn(4)  # one change, at two places away from the border

@@ -328,6 +328,7 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be from 1 to 65536"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
         (["--idm-head", "conv"], "--idm-head conv slides over the feature map of --arch cnn --spatial"),
+        (["--idm-hidden-dim", "-3"], "--idm-hidden-dim must be a width > 0, or 0"),
     ],
 )
 def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, message):
@@ -441,9 +442,10 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
     del meta["cell_px"]
     write_npz(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
     # (with the convolutional inverse-dynamics head: saved with the model and rebuilt from it)
-    config = trained_config(tmp_path / "old.npz", tmp_path / "o", "--idm-head", "conv")
+    config = trained_config(tmp_path / "old.npz", tmp_path / "o", "--idm-head", "conv", "--idm-hidden-dim", "8")
     assert config["cell_px"] == 0 and config["latent_dim"] == 16 * 4 * 4 and config["idm_head"] == "conv"
     from models import model_from_checkpoint
     from world_model_jepa import SpatialInverse
 
-    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "o", arch="jepa_cnn")).inverse, SpatialInverse)
+    inverse = model_from_checkpoint(load_checkpoint(tmp_path / "o", arch="jepa_cnn")).inverse
+    assert isinstance(inverse, SpatialInverse) and inverse.out.in_features == 8
