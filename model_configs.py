@@ -114,6 +114,16 @@ class ViTJEPAConfig(ViTConfig):
     smooth_coeff: float = 0.0
     target: str = "ema"  # "common" arrangement: "ema" target encoder or "online" (stop-gradient)
     residual: bool = False  # the predictor outputs z + delta
+    # the latent is the patch tokens' map [latent_dim, side, side] (flattened channel first, as the
+    # spatial CNN's feature map) instead of their mean, and the predictor a transformer over the
+    # tokens with the action added to each (`predictor` is then unused)
+    spatial: bool = False
+
+    @property
+    def map_shape(self) -> tuple[int, int, int] | None:
+        """A spatial latent's map [C,h,w]; None for the pooled one."""
+        side = self.image_size // self.patch_size
+        return (self.latent_dim, side, side) if self.spatial else None
 
     def __post_init__(self):
         super().__post_init__()

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from minigrid_dataset import MiniGridTransitions
-from model_configs import feature_map_shape
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # [S,F] x [G,F] -> [S,G]
 UNREACHABLE = 10_000  # graph cost of a node from which no path to the goal is known
@@ -46,11 +45,8 @@ class Imagination:
 
     def __init__(self, model: torch.nn.Module, arch: str, device: torch.device):
         self.model, self.device, self.pixels = model, device, arch == "encdec_vit"
-        config = getattr(model, "config", None)
-        # a spatial latent is a feature map [C,h,w], one position per grid cell
-        self.cells = (
-            feature_map_shape(config.obs_shape, config.channels, cell_px=config.cell_px) if getattr(config, "spatial", False) else None
-        )
+        # a spatial latent is a map [C,h,w], one position per grid cell
+        self.cells = getattr(model, "map_shape", None)
 
     @torch.no_grad()
     def start(self, frames: torch.Tensor) -> torch.Tensor:

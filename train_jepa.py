@@ -76,7 +76,8 @@ class TrainConfig(ViTArgs, RunConfig):
         default=False,
         metadata={
             "help": "cnn: the latent is the encoder's feature map (one position per grid cell of 4 or 8 px, as the collector "
-            "recorded it; else per 8 px) and the predictor convolutional, the action tiled over the map: generalises to unseen layouts (--latent-dim is then the map's size)"
+            "recorded it; else per 8 px) and the predictor convolutional, the action tiled over the map: generalises to unseen layouts (--latent-dim is then the map's size); "
+            "vit: the latent is the patch tokens' map (--patch-size a grid cell; --latent-dim the token width) and the predictor a transformer over the tokens"
         },
     )
     idm_head: str = field(
@@ -124,7 +125,7 @@ ONLY_FOR = {
         "arrangement",
         "patch_norm",
     ),
-    "cnn": ("vc_all_steps", "pred_loss", "spatial", "idm_head", "idm_hidden_dim"),
+    "cnn": ("vc_all_steps", "pred_loss", "idm_head", "idm_hidden_dim"),
 }
 
 
@@ -215,7 +216,11 @@ def vit_config(data: Any, cfg: TrainConfig) -> ViTJEPAConfig:
     if cfg.reg != "vicreg":
         fail("--reg none is seed 003's CNN method; the ViT JEPA is always regularised with VICReg (set std/cov coeffs to 0 to drop it)")
     c = coeffs(cfg)
+    cell = int(data.meta.get("cell_px", 0))
+    if cfg.spatial and cell and cfg.patch_size != cell:
+        fail(f"--spatial makes a token per grid cell: the data's cells are {cell} px, give --patch-size {cell}")
     return ViTJEPAConfig(
+        spatial=cfg.spatial,
         **vit_kwargs(cfg, data, cfg.latent_dim),
         jepa_predictor_hidden_dim=cfg.jepa_predictor_hidden_dim,
         predictor=cfg.predictor,

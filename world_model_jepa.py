@@ -178,8 +178,10 @@ class JEPAWorldModel(nn.Module):
             cell_px=config.cell_px,
         )
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        # [C,h,w] of a spatial latent, else None
+        self.map_shape = feature_map_shape(config.obs_shape, config.channels, cell_px=config.cell_px) if config.spatial else None
         if config.spatial:
-            shape = feature_map_shape(config.obs_shape, config.channels, cell_px=config.cell_px)
+            shape = self.map_shape
             if config.latent_dim != shape[0] * shape[1] * shape[2]:
                 raise ValueError(f"a spatial latent is the {shape} feature map: latent_dim must be {shape[0] * shape[1] * shape[2]}")
             self.predictor = SpatialPredictor(

@@ -147,35 +147,61 @@ class TransformerPredictor(nn.Module):
         return self.out(self.transformer(tokens)[:, 0])
 
 
+class TokenPredictor(nn.Module):
+    """A spatial ViT JEPA's predictor: (token map, action) -> the map's change. The projected
+    action is added to every token and a small transformer runs over the tokens, so a move is
+    learned once wherever on the map it happens (as the spatial CNN's convolution does)."""
+
+    def __init__(self, *, dim: int, action_emb_dim: int, hidden_dim: int, heads: int):
+        super().__init__()
+        self.dim = dim
+        self.action_proj = nn.Linear(action_emb_dim, dim)
+        self.transformer = transformer_layers(dim=dim, heads=heads, mlp_dim=hidden_dim, depth=2)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        # z [B,D*N] channel first -> tokens [B,N,D]; a [B,E] -> [B,1,D] on every token
+        tokens = z.view(len(z), self.dim, -1).transpose(1, 2)
+        delta = self.out(self.transformer(tokens + self.action_proj(a)[:, None]))  # [B,N,D]
+        return delta.transpose(1, 2).flatten(1)  # [B,D*N]
+
+
 class ViTJEPA(nn.Module):
     can_collapse = True  # a joint-embedding loss has a trivial constant solution; fit() watches for it
 
     def __init__(self, *, config: ViTJEPAConfig):
         super().__init__()
         c = self.config = config
-        self.latent_dim = c.latent_dim
+        self.map_shape = c.map_shape  # [C,h,w] of a spatial latent, else None
+        self.latent_dim = c.latent_dim * c.num_patches if c.spatial else c.latent_dim
         self.encoder = build_encoder(c)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.action_emb = action_embedding(num_actions=c.num_actions, dim=c.action_emb_dim, continuous=c.continuous_actions)
-        if c.predictor == "mlp":
+        if c.spatial:
+            self.predictor = TokenPredictor(dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads)
+        elif c.predictor == "mlp":
             self.predictor = MLPPredictor(latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim)
         else:
             self.predictor = TransformerPredictor(
                 latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
             )
         if c.residual:
-            last = self.predictor.net[-1] if c.predictor == "mlp" else self.predictor.out
+            last = self.predictor.net[-1] if c.predictor == "mlp" and not c.spatial else self.predictor.out
             nn.init.zeros_(last.weight)  # start as the copy baseline
             nn.init.zeros_(last.bias)
         if c.idm_coeff > 0:
-            self.inverse = inverse_dynamics_head(latent_dim=c.latent_dim, hidden_dim=c.jepa_predictor_hidden_dim, num_actions=c.num_actions)
+            self.inverse = inverse_dynamics_head(latent_dim=self.latent_dim, hidden_dim=c.jepa_predictor_hidden_dim, num_actions=c.num_actions)
+
+    def _latent(self, encoder: ViTEncoder, obs: torch.Tensor) -> torch.Tensor:
+        pooled, tokens = encoder(frames_to_float(obs, self.config.pixel_scale))  # [B,D], [B,N,D]
+        return tokens.transpose(1, 2).flatten(1) if self.config.spatial else pooled  # [B,D*N] or [B,D]
 
     def _online(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.encoder(frames_to_float(obs, self.config.pixel_scale))[0]
+        return self._latent(self.encoder, obs)
 
     @torch.no_grad()
     def _ema(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.target_encoder(frames_to_float(obs, self.config.pixel_scale))[0]
+        return self._latent(self.target_encoder, obs)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 [B,H,W,C] -> the latents the predictor starts from [B,D]."""
@@ -208,6 +234,9 @@ class ViTJEPA(nn.Module):
             target = flat_steps(self._ema, frames[:, 1:]) if c.target == "ema" else online[:, 1:].detach()
         pred_loss = F.mse_loss(self.rollout(start, actions), target)  # mean over the K steps
         per_frame = [gather_batch(online[:, t]) for t in range(online.shape[1])]  # global batch under DDP
+        if c.spatial:
+            # every token a sample of the D channels, [B*N,D], as the spatial CNN's map positions
+            per_frame = [z.view(len(z), c.latent_dim, -1).transpose(1, 2).reshape(-1, c.latent_dim) for z in per_frame]
         std_loss = torch.stack([vicreg_std_loss(z) for z in per_frame]).mean()
         # seed 000 sums the covariance over its two frames: twice the mean over the window's frames
         cov_loss = 2 * torch.stack([vicreg_cov_loss(z) for z in per_frame]).mean()

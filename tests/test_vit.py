@@ -223,3 +223,67 @@ def test_config_keys_are_checked_in_process(vit_data, tmp_path):
         vit_config(data, TrainConfig(arch="vit", patch_size=6))
     with pytest.raises(UserError, match="reg none"):
         vit_config(data, TrainConfig(arch="vit", reg="none"))
+
+
+def spatial_vit(**kw) -> ViTJEPA:
+    config = dict(image_size=32, patch_size=8, latent_dim=8, num_heads=2, mlp_dim=16, jepa_predictor_hidden_dim=16, num_actions=3)
+    return ViTJEPA(config=ViTJEPAConfig(**{**config, "spatial": True, **kw}))
+
+
+def test_spatial_vit_latent_is_the_token_map_channel_first():
+    """spatial=True: the latent is the patch tokens [N,D] laid out as a map [D,side,side] and
+    flattened (as the spatial CNN's feature map, so the planner compares it cell by cell); a
+    residual predictor starts as the copy."""
+    model = spatial_vit(residual=True, idm_coeff=1.0)
+    assert model.map_shape == (8, 4, 4) and model.latent_dim == 8 * 16
+    obs = frames(3, 32)
+    _, tokens = model.encoder(obs.permute(0, 3, 1, 2).float() / 255)  # [3,16,8]
+    z = model.encode(obs)
+    assert z.shape == (3, 128)
+    torch.testing.assert_close(z.view(3, 8, 16).transpose(1, 2), tokens)
+    torch.testing.assert_close(model.predict(z, torch.tensor([0, 1, 2])), z)
+    loss, terms = model.loss(torch.stack([obs, obs], 1), torch.zeros(3, 1, dtype=torch.long))
+    assert math.isfinite(float(loss)) and {"pred_loss", "std_loss", "cov_loss", "idm_loss"} <= terms.keys()
+    assert spatial_vit(spatial=False).map_shape is None
+
+
+def test_spatial_vit_predictor_treats_every_token_alike():
+    """The token predictor has no positions of its own: the same change at another token is
+    predicted the same there (a move is learned once wherever it happens)."""
+    model = spatial_vit(residual=True)
+    torch.nn.init.normal_(model.predictor.out.weight, std=0.1)
+    z = torch.randn(1, 8, 16)
+    moved = z[:, :, torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    order = [int(i) for i in torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    a = torch.tensor([1])
+    out = model.predict(z.flatten(1), a).view(1, 8, 16)
+    torch.testing.assert_close(model.predict(moved.flatten(1), a).view(1, 8, 16), out[:, :, order])
+
+
+def test_spatial_vit_vicreg_counts_every_token_as_a_sample():
+    model = spatial_vit()
+    obs = frames(4, 32)
+    _, terms = model.loss(torch.stack([obs, obs], 1), torch.zeros(4, 1, dtype=torch.long))
+    from losses import vicreg_cov_loss, vicreg_std_loss
+
+    z = model.encode_target(obs) if model.config.arrangement == "seed" else model.encode(obs)
+    tokens = z.view(4, 8, 16).transpose(1, 2).reshape(-1, 8)
+    torch.testing.assert_close(terms["std_loss"], vicreg_std_loss(tokens))
+    torch.testing.assert_close(terms["cov_loss"], 2 * vicreg_cov_loss(tokens))
+
+
+def test_spatial_vit_trains_from_the_cli_and_the_planner_sees_its_map(tmp_path, vit_data, tiny_config):
+    """`train_jepa.py --arch vit --spatial`: the checkpoint rebuilds the token-map model and the
+    planner compares its states cell by cell; a patch that is not the data's cell is one line."""
+    out = tmp_path / "run"
+    flags = ("train_jepa.py", "--arch", "vit", "--spatial", "--config", tiny_config, "--data", vit_data, "--device", "cpu")
+    proc = run(*flags, "--patch-size", "4", "--out-dir", out)  # the data's cells: 4 px
+    assert proc.returncode == 0, proc.stderr
+    from models import model_from_checkpoint
+    from planners import Imagination
+    from wm_common import load_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(out, arch="jepa_vit"))
+    assert model.config.spatial and Imagination(model, "jepa_vit", torch.device("cpu")).cells == (32, 8, 8)
+    bad = run(*flags, "--patch-size", "8", "--out-dir", tmp_path / "b")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--patch-size 4" in bad.stderr and not (tmp_path / "b").exists()
