@@ -12,7 +12,10 @@ ViT JEPA, two arrangements (`arrangement`):
     On windows of K steps the predictor is fed its own output K times with the MSE on every
     step, and the VICReg terms cover every frame of the window. Optional, as for the CNN JEPA:
     inverse dynamics, temporal smoothness, the online encoder (stop-gradient) as the target of
-    the "common" arrangement, a residual predictor.
+    the "common" arrangement, a residual predictor. `spatial`: the latent is the token map
+    [D,side,side] instead of the tokens' mean, the predictor a transformer over the tokens
+    (`TokenPredictor`), and VICReg counts every token as a sample of the D channels: a mean of
+    the tokens keeps what the frame shows but not where, which a planner on unseen layouts needs.
 
 Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
 queries carry the embedded action cross-attends to them and outputs each patch of s_t+1
@@ -178,7 +181,9 @@ class ViTJEPA(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.action_emb = action_embedding(num_actions=c.num_actions, dim=c.action_emb_dim, continuous=c.continuous_actions)
         if c.spatial:
-            self.predictor = TokenPredictor(dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads)
+            self.predictor = TokenPredictor(
+                dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
+            )
         elif c.predictor == "mlp":
             self.predictor = MLPPredictor(latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim)
         else:
@@ -190,7 +195,9 @@ class ViTJEPA(nn.Module):
             nn.init.zeros_(last.weight)  # start as the copy baseline
             nn.init.zeros_(last.bias)
         if c.idm_coeff > 0:
-            self.inverse = inverse_dynamics_head(latent_dim=self.latent_dim, hidden_dim=c.jepa_predictor_hidden_dim, num_actions=c.num_actions)
+            self.inverse = inverse_dynamics_head(
+                latent_dim=self.latent_dim, hidden_dim=c.jepa_predictor_hidden_dim, num_actions=c.num_actions
+            )
 
     def _latent(self, encoder: ViTEncoder, obs: torch.Tensor) -> torch.Tensor:
         pooled, tokens = encoder(frames_to_float(obs, self.config.pixel_scale))  # [B,D], [B,N,D]
