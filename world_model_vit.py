@@ -13,8 +13,8 @@ ViT JEPA, two arrangements (`arrangement`):
     step, and the VICReg terms cover every frame of the window. Optional, as for the CNN JEPA:
     inverse dynamics, temporal smoothness, the online encoder (stop-gradient) as the target of
     the "common" arrangement, a residual predictor. `spatial`: the latent is the token map
-    [D,side,side] instead of the tokens' mean, the predictor a transformer over the tokens
-    (`TokenPredictor`), and VICReg counts every token as a sample of the D channels: a mean of
+    [D,side,side] instead of the tokens' mean, the predictor a transformer over the tokens, each
+    told its neighbours (`TokenPredictor`), and VICReg counts every token as a sample of the D channels: a mean of
     the tokens keeps what the frame shows but not where, which a planner on unseen layouts needs.
 
 Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
@@ -151,20 +151,26 @@ class TransformerPredictor(nn.Module):
 
 
 class TokenPredictor(nn.Module):
-    """A spatial ViT JEPA's predictor: (token map, action) -> the map's change. The projected
-    action is added to every token and a small transformer runs over the tokens, so a move is
-    learned once wherever on the map it happens (as the spatial CNN's convolution does)."""
+    """A spatial ViT JEPA's predictor: (token map, action) -> the map's change. Each token gets
+    its 3x3 neighbourhood (a depthwise convolution over the map, a conditional positional
+    encoding) and the projected action, then a small transformer runs over the tokens. The
+    convolution tells a token what is next to it, which a move needs (attention alone treats the
+    tokens as a set: measured, that model turned the agent in imagination but never moved it),
+    and keeps the rule the same wherever on the map a move happens."""
 
-    def __init__(self, *, dim: int, action_emb_dim: int, hidden_dim: int, heads: int):
+    def __init__(self, *, map_shape: tuple[int, int, int], action_emb_dim: int, hidden_dim: int, heads: int):
         super().__init__()
-        self.dim = dim
+        self.map_shape = map_shape
+        dim = map_shape[0]
+        self.neighbours = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.action_proj = nn.Linear(action_emb_dim, dim)
         self.transformer = transformer_layers(dim=dim, heads=heads, mlp_dim=hidden_dim, depth=2)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # z [B,D*N] channel first -> tokens [B,N,D]; a [B,E] -> [B,1,D] on every token
-        tokens = z.view(len(z), self.dim, -1).transpose(1, 2)
+        # z [B,D*N] channel first -> map [B,D,h,w] -> tokens [B,N,D]; a [B,E] -> [B,1,D] on every token
+        m = z.view(len(z), *self.map_shape)
+        tokens = (m + self.neighbours(m)).flatten(2).transpose(1, 2)
         delta = self.out(self.transformer(tokens + self.action_proj(a)[:, None]))  # [B,N,D]
         return delta.transpose(1, 2).flatten(1)  # [B,D*N]
 
@@ -182,7 +188,7 @@ class ViTJEPA(nn.Module):
         self.action_emb = action_embedding(num_actions=c.num_actions, dim=c.action_emb_dim, continuous=c.continuous_actions)
         if c.spatial:
             self.predictor = TokenPredictor(
-                dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
+                map_shape=c.map_shape, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim, heads=c.num_heads
             )
         elif c.predictor == "mlp":
             self.predictor = MLPPredictor(latent_dim=c.latent_dim, action_emb_dim=c.action_emb_dim, hidden_dim=c.jepa_predictor_hidden_dim)

@@ -243,21 +243,24 @@ def test_spatial_vit_latent_is_the_token_map_channel_first():
     torch.testing.assert_close(z.view(3, 8, 16).transpose(1, 2), tokens)
     torch.testing.assert_close(model.predict(z, torch.tensor([0, 1, 2])), z)
     loss, terms = model.loss(torch.stack([obs, obs], 1), torch.zeros(3, 1, dtype=torch.long))
-    assert math.isfinite(float(loss)) and {"pred_loss", "std_loss", "cov_loss", "idm_loss"} <= terms.keys()
+    assert math.isfinite(loss.item()) and {"pred_loss", "std_loss", "cov_loss", "idm_loss"} <= terms.keys()
     assert spatial_vit(spatial=False).map_shape is None
 
 
-def test_spatial_vit_predictor_treats_every_token_alike():
-    """The token predictor has no positions of its own: the same change at another token is
-    predicted the same there (a move is learned once wherever it happens)."""
+def test_spatial_vit_predictor_moves_with_the_change_and_sees_its_neighbours():
+    """One rule wherever a change happens: shifting a lone change on an empty map shifts the
+    prediction; and a token knows its neighbours (the depthwise 3x3 convolution), so the tokens
+    next to the change are predicted otherwise than tokens far from it, which a move needs."""
     model = spatial_vit(residual=True)
     torch.nn.init.normal_(model.predictor.out.weight, std=0.1)
-    z = torch.randn(1, 8, 16)
-    moved = z[:, :, torch.randperm(16, generator=torch.Generator().manual_seed(0))]
-    order = [int(i) for i in torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    m = torch.zeros(1, 8, 4, 4)
+    m[0, :, 1, 1] = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    shifted = torch.roll(m, shifts=(1, 1), dims=(2, 3))
     a = torch.tensor([1])
-    out = model.predict(z.flatten(1), a).view(1, 8, 16)
-    torch.testing.assert_close(model.predict(moved.flatten(1), a).view(1, 8, 16), out[:, :, order])
+    out = model.predict(m.flatten(1), a).view(1, 8, 4, 4)
+    out_shifted = model.predict(shifted.flatten(1), a).view(1, 8, 4, 4)
+    torch.testing.assert_close(out_shifted, torch.roll(out, shifts=(1, 1), dims=(2, 3)), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[0, :, 1, 2], out[0, :, 3, 3], atol=1e-4)  # next to the change vs far from it
 
 
 def test_spatial_vit_vicreg_counts_every_token_as_a_sample():
