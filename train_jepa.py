@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_configs import PRED_LOSSES, TARGETS, JEPAConfig, ViTJEPAConfig, feature_map_shape
 from trainer_flags import SEED000_ALIASES, SEED000_COLLECTION_KEYS, RunConfig, ViTArgs, check_run_flags, vit_kwargs
-from wm_common import check_sizes, fail, rank, run_cli
+from wm_common import MAX_WIDTH, check_sizes, fail, rank, run_cli
 
 if TYPE_CHECKING:
     from torch import nn
@@ -244,8 +244,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             fail(f"{name} must be a finite weight >= 0 (0: off), got {value}")
     if coeffs(cfg)["sim"] == 0:
         fail("--sim-coeff 0 leaves the predictor untrained; the prediction loss needs a positive weight")
-    if cfg.idm_hidden_dim < 0:
-        fail(f"--idm-hidden-dim must be a width > 0, or 0 for the predictor's, got {cfg.idm_hidden_dim}")
+    if not 0 <= cfg.idm_hidden_dim <= MAX_WIDTH:
+        fail(f"--idm-hidden-dim must be from 1 to {MAX_WIDTH}, or 0 for the predictor's width, got {cfg.idm_hidden_dim}")
     if cfg.idm_head == "conv" and not (cfg.arch == "cnn" and cfg.spatial):
         fail("--idm-head conv slides over the feature map of --arch cnn --spatial; other latents have no map (use mlp)")
     if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":

@@ -328,7 +328,7 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--jepa-predictor-hidden-dim", "0"], "--jepa-predictor-hidden-dim must be from 1 to 65536"),
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
         (["--idm-head", "conv"], "--idm-head conv slides over the feature map of --arch cnn --spatial"),
-        (["--idm-hidden-dim", "-3"], "--idm-hidden-dim must be a width > 0, or 0"),
+        (["--idm-hidden-dim", "-3"], "--idm-hidden-dim must be from 1 to 65536, or 0"),
     ],
 )
 def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, message):
