@@ -116,7 +116,7 @@ class ViTJEPAConfig(ViTConfig):
     residual: bool = False  # the predictor outputs z + delta
     # the latent is the patch tokens' map [latent_dim, side, side] (flattened channel first, as the
     # spatial CNN's feature map) instead of their mean, and the predictor a transformer over the
-    # tokens with the action added to each (`predictor` is then unused)
+    # tokens, each told its 3x3 neighbours and the action (`predictor` is then unused)
     spatial: bool = False
 
     @property
