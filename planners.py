@@ -97,10 +97,8 @@ class Imagination:
         return torch.cat(out) if out else a.new_zeros(0, len(b[0, 0]))
 
     def same_state_distance_at(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """[S,F] x [G,F], index [S,k] -> [S,k]: `same_state_distance` of each row of a to the k
-        states of b its row of index names."""
-        if self.cells is None:
-            return torch.gather(self.distance(a, b), 1, index)
+        """[S,F] x [G,F], index [S,k] -> [S,k]: a spatial latent's `same_state_distance` of each
+        row of a to the k states of b its row of index names."""
         c, h, w = self.cells
         rows = max(1, SAME_STATE_BLOCK // (h * w * c * max(1, index.shape[1])))  # [rows,k,C,P] at a time
         out = []
