@@ -14,8 +14,9 @@ ViT JEPA, two arrangements (`arrangement`):
     inverse dynamics, temporal smoothness, the online encoder (stop-gradient) as the target of
     the "common" arrangement, a residual predictor. `spatial`: the latent is the token map
     [D,side,side] instead of the tokens' mean, the predictor a transformer over the tokens, each
-    told its neighbours (`TokenPredictor`), and VICReg counts every token as a sample of the D channels: a mean of
-    the tokens keeps what the frame shows but not where, which a planner on unseen layouts needs.
+    told its neighbours (`TokenPredictor`), and VICReg counts every token as a sample of the D
+    channels: a mean of the tokens keeps what the frame shows but not where, which a planner on
+    unseen layouts needs.
 
 Encoder-decoder: ViT encoder of s_t -> patch tokens; a transformer decoder whose per-patch
 queries carry the embedded action cross-attends to them and outputs each patch of s_t+1
