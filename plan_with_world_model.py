@@ -32,11 +32,13 @@ import numpy as np
 from envs import (
     NAV_ACTIONS,
     agent_state,
+    current_obs,
     goal_frames,
     goal_position,
     layout_key,
     make_env,
     model_frames,
+    nav_moves,
     oracle_steps,
     place_agent_randomly,
 )
@@ -304,6 +306,76 @@ def diagnose(episodes: list[dict]) -> dict[str, Any]:
     }
 
 
+# the rollout diagnostic: imagined steps from every true state, on the first evaluation layouts
+REID_DEPTHS, REID_LAYOUTS = (1, 4, 16), 2
+
+
+def rollout_reidentification(env, imagination: Imagination, actions: list[int], seeds: list[int], image_size, channels: int, seed: int):
+    """Do the model's rollouts stay on the layout's states? The imagined map merges a prediction
+    into the state it is nearest, so a model plans only as deep as this holds. On the first
+    evaluation layouts, from every true state (agent cell and heading) the model imagines k steps
+    of random left/right/forward; a rollout is re-identified when, of all the layout's true
+    states, the one whose frame is nearest its end is the state the world reached. Nearest by
+    each of the planner's views (a spatial latent: cell by cell and whole). Uses the true grid:
+    a diagnostic, never the planner's input. None when the model's actions lack the three."""
+    import torch
+
+    from planners import PLAN_BATCH
+
+    if not set(NAV_ACTIONS) <= set(actions):
+        return None
+    views = (
+        {"whole": imagination.distance}
+        if imagination.cells is None
+        else {"cells": imagination.same_state_distance, "whole": imagination.distance}
+    )
+    rng = np.random.default_rng([seed, 2])
+    hits: dict[str, list[list[float]]] = {view: [[] for _ in REID_DEPTHS] for view in views}
+    layouts = sorted(set(seeds))[:REID_LAYOUTS]
+    base, counted = env.unwrapped, 0
+    for layout in layouts:
+        env.reset(seed=layout)
+        moves = nav_moves(base)
+        states = list(moves)
+        index = {s: i for i, s in enumerate(states)}
+        frames = []
+        for x, y, d in states:
+            base.agent_pos, base.agent_dir = np.array((x, y)), d
+            frames.append(current_obs(env))
+        frames = torch.from_numpy(model_frames(np.stack(frames), image_size, channels))
+        known, start = imagination.target(frames), imagination.start(frames)  # [S,F], [S,...]
+        counted += len(states)
+        for j, depth in enumerate(REID_DEPTHS):
+            walk = rng.integers(0, len(NAV_ACTIONS), (len(states), depth))  # [S,k] indices into NAV_ACTIONS
+            ends = []
+            for i, s in enumerate(states):
+                for a in walk[i]:
+                    s = moves[s][a]
+                ends.append(index[s])
+            # PLAN_BATCH states at a time through the model (the encoder-decoder's are whole frames)
+            imagined = torch.cat(
+                [imagine(imagination, start[at : at + PLAN_BATCH], walk[at : at + PLAN_BATCH]) for at in range(0, len(states), PLAN_BATCH)]
+            )
+            for view, distance in views.items():
+                nearest = distance(imagined, known).argmin(1).cpu().numpy()
+                hits[view][j].extend((nearest == np.array(ends)).tolist())
+    return {
+        "layouts": layouts,
+        "states": counted,
+        "depths": list(REID_DEPTHS),
+        **{view: [float(np.mean(h)) for h in per_depth] for view, per_depth in hits.items()},
+    }
+
+
+def imagine(imagination: Imagination, state, walk: np.ndarray):
+    """The states [B,...] stepped by each row's actions (indices into NAV_ACTIONS, [B,k]): [B,F]."""
+    import torch
+
+    for t in range(walk.shape[1]):
+        state = imagination.step(state, torch.tensor(NAV_ACTIONS)[walk[:, t]])
+    return imagination.embed(state)
+
+
 def summarise(runs: list[dict], prefix: str = "") -> dict[str, Any]:
     wins = [r for r in runs if r["success"]]
     ratios = [r["steps"] / r["oracle_steps"] for r in wins if r["oracle_steps"]]
@@ -525,6 +597,13 @@ def print_summary(cfg: PlanConfig, report: dict[str, Any], out: Path) -> None:
             f"imagined maps drawn per episode {d['maps_per_episode']:.1f}; "
             f"{d['share_of_steps_exploring']:.0%} of steps spent trying steps where the map held no way to the goal"
         )
+    reid = d["rollout_reidentification"]
+    if reid is not None:
+        shares = ", ".join(f"{view} " + " / ".join(f"{x:.2f}" for x in reid[view]) for view in ("cells", "whole") if view in reid)
+        print(
+            f"imagined rollouts of {'/'.join(map(str, reid['depths']))} random steps from each of the {reid['states']} true states of "
+            f"layouts {', '.join(map(str, reid['layouts']))} that end nearest the state reached: {shares}"
+        )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
 
 
@@ -557,6 +636,10 @@ def main(cfg: PlanConfig) -> dict[str, Any]:
         bar.set_postfix(success=f"{np.mean([r['success'] for r in planned]):.2f}", refresh=False)
     bar.close()
     report = make_report(cfg, ckpt, env, env_id, cost, (planned, random_runs), graph_report)
+    seeds = [episode_seed(cfg, e) for e in range(cfg.episodes)]
+    report["diagnostics"]["rollout_reidentification"] = rollout_reidentification(
+        env, imagination, actions, seeds, image_size, channels, cfg.seed
+    )
     if cfg.planner == "imagined":  # the search's size as used: --max-nodes 0 sizes it from the latent
         report["config"].update(merge=cfg.merge, max_nodes=planner.imagined.max_nodes)
     write_json(out / "plan.json", report)

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, load_npz, ok, run
 
-from envs import current_obs, goal_frames, goal_position, make_env, oracle_steps, resize_frames
-from plan_with_world_model import PlanConfig, evaluated_layouts, load_goal_image, run_episode
+import plan_with_world_model
+from envs import agent_state, current_obs, goal_frames, goal_position, make_env, oracle_steps, resize_frames
+from plan_with_world_model import PlanConfig, evaluated_layouts, load_goal_image, rollout_reidentification, run_episode
 from planners import DEFAULT_MAX_NODES, UNREACHABLE, Imagination, ImaginedGraph, LatentGraph, make_planner
 from wm_common import UserError
 
@@ -328,6 +329,43 @@ def test_without_a_path_to_the_goal_the_imagined_planner_has_no_cost_to_go():
     assert not planner.imagined.reached and math.isnan(planner.cost_to_go)
 
 
+@pytest.fixture
+def token_frames(monkeypatch):
+    """The real Empty-8x8 env, its frames the test's tokens of the agent's (x, y, dir)."""
+    monkeypatch.setattr(plan_with_world_model, "current_obs", lambda env: TOKEN[agent_state(env.unwrapped)])
+    env, _ = make_env(ENV, "rgb", 64)
+    return env
+
+
+def test_rollouts_of_a_perfect_model_end_on_the_state_reached(token_frames):
+    """The rollout diagnostic: from every true state of the layout (the 144 of Empty-8x8's open
+    interior, on each of the two evaluation layouts named), a perfect model's k-step rollout is
+    nearest the state the world reached, at every depth."""
+    imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
+    reid = rollout_reidentification(token_frames, imag, NAV, [1000, 1001, 1002], None, 3, seed=0)
+    assert reid == {"layouts": [1000, 1001], "states": 2 * len(STATES), "depths": [1, 4, 16], "whole": [1.0, 1.0, 1.0]}
+
+
+def test_rollouts_of_a_model_that_cannot_walk_drift_off_with_depth(token_frames):
+    """A model that never moves the agent ends its rollouts where turns alone lead: right when the
+    walk's forward steps hit a wall or were none (one step: 2/3 of the actions are turns, and a
+    sixth of the states face a wall), wrong ever more often with depth. Cell by cell too, for a
+    spatial latent; and None when the model lacks left/right/forward."""
+    imag = Imagination(GridModel(TOKEN, move=False, dim=256), "jepa_cnn", CPU)
+    reid = rollout_reidentification(token_frames, imag, NAV, [1000], None, 3, seed=0)
+    one, four, sixteen = reid["whole"]
+    assert 0.6 < one < 0.85 and four < one and sixteen < 0.2
+    imag.cells = (16, 4, 4)
+    assert set(rollout_reidentification(token_frames, imag, NAV, [1000], None, 3, seed=0)) == {
+        "layouts",
+        "states",
+        "depths",
+        "cells",
+        "whole",
+    }
+    assert rollout_reidentification(token_frames, imag, [0, 1], [1000], None, 3, seed=0) is None
+
+
 def test_imagined_search_size_is_taken_from_the_latent_map():
     """--max-nodes 0: 8 states per position of a spatial latent's map (4 headings, twice over),
     3000 for a latent without one; a value given is kept."""
@@ -577,6 +615,9 @@ def test_imagined_planner_end_to_end_records_its_search_size(work, checkpoint):
     assert all(e["maps_drawn"] >= 1 and 0 <= e["steps_exploring"] <= e["steps"] for e in report["per_episode"])
     assert d["maps_per_episode"] == np.mean([e["maps_drawn"] for e in report["per_episode"]])
     assert d["share_of_steps_exploring"] == sum(e["steps_exploring"] for e in report["per_episode"]) / d["states"]
+    reid = d["rollout_reidentification"]
+    assert reid["layouts"] == [1000, 1001] and reid["depths"] == [1, 4, 16] and reid["states"] == 2 * len(STATES)
+    assert all(0 <= x <= 1 for x in reid["whole"]) and "cells" not in reid
 
 
 def check_report(out, planner, horizon):
