@@ -72,12 +72,18 @@ PLAN_EPISODES ?= 20
 # on S9N1 its one-step predictions found their true successor 11% of the time (99.5% at 4000)
 # --compile: about 2x on a CPU (S9N1 trains in 15 min on 2 cores)
 PLAN_TRAIN_FLAGS ?= --steps 4000 --compile
+# a map of more than 300 positions (FourRooms' 19x19: 4.5x SimpleCrossing's 81) costs 1.7x per step
+# at those widths (27 min for 4000 steps) and its linear inverse-dynamics head stayed at chance: narrower
+# layers, the conv head, twice the steps (17 min; 0.8 of FourRooms' held-out layouts, see docs/planning.md)
+PLAN_TRAIN_FLAGS_LARGE ?= --steps 8000 --compile --channels 16 32 16 --predictor-hidden-dim 32 --action-emb-dim 8 --idm-head conv
 plan-unseen: setup
 	@size=$$($(BIN)/python -c "import math, gymnasium as gym, minigrid; u = gym.make('$(ENV)').unwrapped; w = max(u.width, u.height); print(w * min(8, 2 ** math.ceil(math.log2(64 / w))))") && \
+	large=$$($(BIN)/python -c "import gymnasium as gym, minigrid; u = gym.make('$(ENV)').unwrapped; print(int(u.width * u.height > 300))") && \
 	$(BIN)/python collect_minigrid_data.py --env $(ENV) --episodes $(TRAIN_LAYOUTS) --max-steps 60 --seed 0 \
 		--exclude-layouts $(EVAL_SEED):$$(( $(EVAL_SEED) + $(PLAN_EPISODES) )) --through-goal \
 		--start random --actions nav --policy waypoints --image-size $$size --out $(OUT)/data.npz --overwrite && \
-	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite $(PLAN_TRAIN_FLAGS) && \
+	$(BIN)/python train_jepa.py --arch cnn --spatial --data $(OUT)/data.npz --seed 0 --out-dir $(OUT)/model --overwrite \
+		$$(if [ $$large = 1 ]; then echo "$(PLAN_TRAIN_FLAGS_LARGE)"; else echo "$(PLAN_TRAIN_FLAGS)"; fi) && \
 	$(BIN)/python plan_with_world_model.py --checkpoint $(OUT)/model --planner imagined --env $(ENV) --seed $(EVAL_SEED) \
 		--episodes $(PLAN_EPISODES) --out-dir $(OUT)
 

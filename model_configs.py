@@ -89,8 +89,13 @@ class ViTConfig:
     # seed 000: a LayerNorm over each patch's pixels before the embedding. It erases a uniform
     # patch's brightness: at patch 8, MiniGrid's black floor, grey wall and lit floor are one token.
     patch_norm: bool = True
+    # each patch attends only to the patches at most this many rows and columns away (0: to all):
+    # local attention keeps what a token holds about its own place, as a CNN's map does
+    local_attention: int = 0
 
     def __post_init__(self):
+        if self.local_attention < 0:
+            raise ValueError(f"local_attention must be >= 0, got {self.local_attention}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.latent_dim % self.num_heads:

@@ -96,6 +96,17 @@ class TrainConfig(ViTArgs, RunConfig):
             "at 64 (the --spatial predictor's) collapsed the latent after 2,200 steps, at 32 it held: see docs/planning.md"
         },
     )
+    channels: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "cnn: the encoder's conv widths, one per layer (default 32 64 64; --spatial 32 64 16). A large map costs "
+            "per position: FourRooms' 19x19 map trained in 17 min at 16 32 16 (see docs/planning.md)",
+            "repeat": True,
+        },
+    )
+    predictor_hidden_dim: int = field(
+        default=0, metadata={"help": "cnn: the predictor's width (0: 256; --spatial 64); the ViT's is --jepa-predictor-hidden-dim"}
+    )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
@@ -124,8 +135,9 @@ ONLY_FOR = {
         "predictor",
         "arrangement",
         "patch_norm",
+        "local_attention",
     ),
-    "cnn": ("vc_all_steps", "pred_loss", "idm_head", "idm_hidden_dim"),
+    "cnn": ("vc_all_steps", "pred_loss", "idm_head", "idm_hidden_dim", "channels", "predictor_hidden_dim"),
 }
 
 
@@ -176,17 +188,24 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
     if cfg.spatial:
         # data from before the collector recorded the cell size (0) keep the side rule
         cell = int(data.meta.get("cell_px", 0))
-        m = feature_map_shape(shape, SPATIAL_CHANNELS, cell_px=cell)
+        channels = cfg.channels or SPATIAL_CHANNELS
+        m = feature_map_shape(shape, channels, cell_px=cell)
+        if cell and m[1] * cell != shape[0]:
+            fail(
+                f"--channels {' '.join(map(str, channels))}: {len(channels)} convs leave a {m[1]}x{m[2]} map, not one position per {cell} px cell; give more"
+            )
         sizes = dict(
             spatial=True,
-            channels=SPATIAL_CHANNELS,
-            predictor_hidden_dim=SPATIAL_HIDDEN,
+            channels=channels,
+            predictor_hidden_dim=cfg.predictor_hidden_dim or SPATIAL_HIDDEN,
             latent_dim=m[0] * m[1] * m[2],
             cell_px=cell,
             idm_head=cfg.idm_head,
         )
     else:
-        sizes = dict(latent_dim=cfg.latent_dim)
+        sizes = dict(latent_dim=cfg.latent_dim, **({"channels": cfg.channels} if cfg.channels else {}))
+        if cfg.predictor_hidden_dim:
+            sizes["predictor_hidden_dim"] = cfg.predictor_hidden_dim
     return JEPAConfig(
         obs_shape=shape,
         num_actions=data.num_actions,
@@ -244,6 +263,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             fail(f"{name} must be a finite weight >= 0 (0: off), got {value}")
     if coeffs(cfg)["sim"] == 0:
         fail("--sim-coeff 0 leaves the predictor untrained; the prediction loss needs a positive weight")
+    if not 0 <= cfg.predictor_hidden_dim <= MAX_WIDTH:
+        fail(f"--predictor-hidden-dim must be from 1 to {MAX_WIDTH}, or 0 for the default, got {cfg.predictor_hidden_dim}")
+    if any(not 1 <= c <= MAX_WIDTH for c in cfg.channels):
+        fail(f"--channels must each be from 1 to {MAX_WIDTH}, got {' '.join(map(str, cfg.channels))}")
     if not 0 <= cfg.idm_hidden_dim <= MAX_WIDTH:
         fail(f"--idm-hidden-dim must be from 1 to {MAX_WIDTH}, or 0 for the predictor's width, got {cfg.idm_hidden_dim}")
     if cfg.idm_head == "conv" and not (cfg.arch == "cnn" and cfg.spatial):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from minigrid_dataset import check_data_path
-from wm_common import check_seed, fail
+from wm_common import MAX_WIDTH, check_seed, fail
 
 # seed 000's config.yaml names for settings the trainers call otherwise
 SEED000_ALIASES = {
@@ -98,6 +98,10 @@ class ViTArgs:
             "help": "ViT: LayerNorm over each patch's pixels (seed 000); it erases a uniform patch's brightness, --no-patch-norm keeps it"
         },
     )
+    local_attention: int = field(
+        default=0,
+        metadata={"help": "ViT: each patch attends only to patches at most this many rows/columns away (0: all patches)"},
+    )
 
 
 def vit_kwargs(args: ViTArgs, data: Any, latent_dim: int) -> dict[str, Any]:
@@ -115,6 +119,8 @@ def vit_kwargs(args: ViTArgs, data: Any, latent_dim: int) -> dict[str, Any]:
         fail(f"--patch-size must be at least 1, got {args.patch_size}")
     if h % args.patch_size:
         fail(f"image_size {h} is not divisible by patch_size {args.patch_size}; pick a divisor of {h}")
+    if not 0 <= args.local_attention <= MAX_WIDTH:
+        fail(f"--local-attention must be between 0 (all patches) and {MAX_WIDTH}, got {args.local_attention}")
     if latent_dim % args.num_heads:
         fail(f"latent_dim {latent_dim} is not divisible by num_heads {args.num_heads}")
     symbolic = data.meta.get("obs_mode") == "symbolic"
@@ -131,6 +137,7 @@ def vit_kwargs(args: ViTArgs, data: Any, latent_dim: int) -> dict[str, Any]:
         action_emb_dim=args.action_emb_dim,
         pixel_scale=10.0 if symbolic else 255.0,
         patch_norm=args.patch_norm,
+        local_attention=args.local_attention,
     )
 
 

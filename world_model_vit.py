@@ -91,10 +91,17 @@ class ViTEncoder(nn.Module):
         depth: int,
         mlp_dim: int,
         patch_norm: bool = True,
+        local_attention: int = 0,
     ):
         super().__init__()
         self.patch_size = patch_size
-        n = (image_size // patch_size) ** 2
+        side = image_size // patch_size
+        n = side * side
+        # [N,N], True where attention is not allowed: patches more than `local_attention` rows or
+        # columns apart (None: all attend to all); not saved, it follows from the config
+        row, col = torch.arange(n) // side, torch.arange(n) % side
+        far = torch.maximum((row[:, None] - row).abs(), (col[:, None] - col).abs()) > local_attention
+        self.register_buffer("mask", far if local_attention else None, persistent=False)
         pixels = patch_size * patch_size * input_channels
         self.to_patch_embedding = nn.Sequential(nn.LayerNorm(pixels) if patch_norm else nn.Identity(), nn.Linear(pixels, dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, n, dim) * 0.02)
@@ -103,7 +110,7 @@ class ViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.to_patch_embedding(patchify(x, self.patch_size)) + self.pos_embedding  # [B,N,D]
-        tokens = self.norm(self.transformer(tokens))
+        tokens = self.norm(self.transformer(tokens, mask=self.mask, is_causal=False))
         return tokens.mean(dim=1), tokens
 
 
@@ -117,6 +124,7 @@ def build_encoder(c: ViTConfig) -> ViTEncoder:
         depth=c.num_encoder_layers,
         mlp_dim=c.mlp_dim,
         patch_norm=c.patch_norm,
+        local_attention=c.local_attention,
     )
 
 

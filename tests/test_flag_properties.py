@@ -206,10 +206,13 @@ accept(TRAINERS, "save_every", "0", "0: checkpoints at epoch ends only, the defa
 accept(TRAINERS, "save_every", "huge", "a period past every epoch: epoch-end checkpoints only, as the user asked")
 cnn_ignores = "the CNN does not use the ViT's setting, and says so in a note"
 accept("train_jepa_cnn", "image_size input_channels patch_size", "-1 0 huge", cnn_ignores, note=True)
+accept("train_jepa_cnn", "local_attention", "-1 huge", cnn_ignores, note=True)
+accept(TRAINERS, "local_attention", "0", "the default: every patch attends to all (the CNN has no attention)")
 weight = "a relative weight: AdamW is blind to the loss's scale, and each epoch's collapse check reports a lopsided mix"
 accept(JEPA, "sim_coeff std_coeff cov_coeff idm_coeff smooth_coeff", "huge", weight)
 accept(JEPA, "std_coeff cov_coeff idm_coeff smooth_coeff", "0", "0: the term is off, as the help says")
 accept(JEPA, "idm_hidden_dim", "0", "the default: the inverse-dynamics head as wide as the predictor")
+accept(JEPA, "predictor_hidden_dim", "0", "the default: the CNN predictor's own width (256, --spatial 64)")
 accept("train_jepa_cnn", "ema_decay", "0", "the CNN's default --target online does not use the EMA encoder, and says so", note=True)
 accept("train_jepa_vit", "ema_decay", "0", "0: the EMA target is the online encoder of the step before, no averaging")
 accept("train_encdec", "change_weight", "0", "0: plain MSE, the default")

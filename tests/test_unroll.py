@@ -329,6 +329,9 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--arch", "vit", "--target", "online", "--arrangement", "seed"], "--target online needs --arrangement common"),
         (["--idm-head", "conv"], "--idm-head conv slides over the feature map of --arch cnn --spatial"),
         (["--idm-hidden-dim", "-3"], "--idm-hidden-dim must be from 1 to 65536, or 0"),
+        (["--predictor-hidden-dim", "-1"], "--predictor-hidden-dim must be from 1 to 65536, or 0"),
+        (["--channels", "16", "0"], "--channels must each be from 1 to 65536, got 16 0"),
+        (["--spatial", "--channels", "16"], "--channels 16: 1 convs leave a 16x16 map, not one position per 4 px cell"),
     ],
 )
 def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, message):
@@ -449,3 +452,8 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
 
     inverse = model_from_checkpoint(load_checkpoint(tmp_path / "o", arch="jepa_cnn")).inverse
     assert isinstance(inverse, SpatialInverse) and inverse.out.in_features == 8
+    # narrower layers for a large map: the widths given are the model's, saved and rebuilt
+    config = trained_config(tiny_npz, tmp_path / "n", "--channels", "8", "12", "6", "--predictor-hidden-dim", "10")
+    assert config["channels"] == [8, 12, 6] and config["predictor_hidden_dim"] == 10 and config["latent_dim"] == 6 * 8 * 8
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "n", arch="jepa_cnn"))
+    assert model.map_shape == (6, 8, 8)

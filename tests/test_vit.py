@@ -275,6 +275,30 @@ def test_spatial_vit_vicreg_counts_every_token_as_a_sample():
     torch.testing.assert_close(terms["cov_loss"], 2 * vicreg_cov_loss(tokens))
 
 
+@pytest.mark.parametrize("local", [0, 1])
+def test_local_attention_bounds_what_a_token_sees(local):
+    """local_attention r: a patch attends only to patches at most r rows and columns away, so
+    after L blocks a token depends on the patches within r*L of it and on nothing farther (0:
+    every token on every patch). The mask follows from the config and is not saved."""
+    from world_model_vit import ViTEncoder
+
+    torch.manual_seed(0)
+    encoder = ViTEncoder(image_size=48, patch_size=8, input_channels=3, dim=8, heads=2, depth=2, mlp_dim=16, local_attention=local)
+    x = torch.rand(1, 3, 48, 48)
+    changed = x.clone()
+    changed[:, :, :8, :8] = 0  # the top-left patch
+    _, before = encoder(x)
+    _, after = encoder(changed)
+    moved = ((before - after).abs().amax(-1) > 1e-6).view(6, 6)  # [rows, columns] of the 6x6 token map
+    if local:
+        expected = torch.zeros(6, 6, dtype=torch.bool)
+        expected[:3, :3] = True  # within 1 x 2 blocks of patch (0, 0)
+        assert torch.equal(moved, expected)
+    else:
+        assert moved.all()
+    assert "mask" not in encoder.state_dict()
+
+
 def test_spatial_vit_trains_from_the_cli_and_the_planner_sees_its_map(tmp_path, vit_data, tiny_config):
     """`train_jepa.py --arch vit --spatial`: the checkpoint rebuilds the token-map model and the
     planner compares its states cell by cell; a patch that is not the data's cell is one line."""
@@ -288,5 +312,10 @@ def test_spatial_vit_trains_from_the_cli_and_the_planner_sees_its_map(tmp_path, 
 
     model = model_from_checkpoint(load_checkpoint(out, arch="jepa_vit"))
     assert model.config.spatial and Imagination(model, "jepa_vit", torch.device("cpu")).cells == (32, 8, 8)
+    assert model.config.local_attention == 0 and model.encoder.mask is None
+    local = run(*flags, "--patch-size", "4", "--local-attention", "1", "--epochs", "1", "--out-dir", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "local", arch="jepa_vit"))
+    assert model.config.local_attention == 1 and model.encoder.mask.shape == (64, 64) and model.target_encoder.mask is not None
     bad = run(*flags, "--patch-size", "8", "--out-dir", tmp_path / "b")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--patch-size 4" in bad.stderr and not (tmp_path / "b").exists()
