@@ -41,6 +41,13 @@ class RunConfig:
     )
     batch_size: int = field(default=64, metadata={"help": "transitions per batch"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "cosine: the learning rate falls from --lr to 0 at the run's last step (a resume with more --epochs stretches it)",
+            "choices": ["constant", "cosine"],
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     seed: int = field(default=0, metadata={"help": "one seed for init, data split and data order"})

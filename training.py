@@ -190,6 +190,15 @@ class FitSettings:
     amp: bool = False
     save_every: int = 0
     skip_nonfinite: bool = False
+    lr_schedule: str = "constant"
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str) -> float:
+    """The learning rate of optimiser step `step` (0-based) of `total`: constant, or a half
+    cosine from `lr` down to 0 at the last step."""
+    if schedule == "constant":
+        return lr
+    return 0.5 * lr * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 def comm_device() -> torch.device:
@@ -348,6 +357,9 @@ class _Loop:
             loss, terms = self.loss_fn(frames, actions)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = lr_at(self.step, self.settings.epochs * len(self.sampler), self.settings.lr, self.settings.lr_schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         grad_norm = _grad_norm(self.model, self.settings.grad_clip)
         # one small reduction per step: every rank must agree to skip or to stop
         flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), float(stop.requested)])
@@ -538,7 +550,7 @@ def check_out_dir_apart_from_data(out: Path, data: str | Path) -> None:
 RESUME_MAY_CHANGE = {"epochs", "steps", "resume", "overwrite", "log_every", "device", "num_workers", "save_every", "skip_nonfinite"}
 RESUME_MAY_CHANGE |= {"compile", "config", "out_dir"}
 # what runs saved before a flag existed were trained with
-FLAG_BEFORE_IT_EXISTED = {"unroll": 1}
+FLAG_BEFORE_IT_EXISTED = {"unroll": 1, "lr_schedule": "constant"}
 
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -646,6 +658,7 @@ def fit_settings(cfg: Any, arch: str, epochs: int) -> FitSettings:
         amp=cfg.amp,
         save_every=cfg.save_every,
         skip_nonfinite=cfg.skip_nonfinite,
+        lr_schedule=cfg.lr_schedule,
     )
 
 

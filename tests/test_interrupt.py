@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, THREADS, ok, run
 
-from training import FitSettings, fit
+from training import FitSettings, fit, lr_at
 from wm_common import UserError
 
 # 8 episodes of 40 steps, batch 8, one-step windows: 35 steps per epoch
@@ -119,13 +119,22 @@ class FlakyModel(torch.nn.Module):
         return []
 
 
-def fit_flaky(tiny_npz, tmp_path, bad_calls, skip: bool):
+def fit_flaky(tiny_npz, tmp_path, bad_calls, skip: bool, lr_schedule: str = "constant"):
     from minigrid_dataset import MiniGridTransitions, make_loaders
 
     model = FlakyModel(bad_calls)
     train, val = make_loaders(MiniGridTransitions(tiny_npz), batch_size=16)
     settings = FitSettings(
-        epochs=2, lr=1e-2, weight_decay=0, grad_clip=1.0, log_every=2, out_dir=tmp_path, resume=False, title="t", skip_nonfinite=skip
+        epochs=2,
+        lr=1e-2,
+        weight_decay=0,
+        grad_clip=1.0,
+        log_every=2,
+        out_dir=tmp_path,
+        resume=False,
+        title="t",
+        skip_nonfinite=skip,
+        lr_schedule=lr_schedule,
     )
     info = {"arch": "flaky", "model_config": {}, "train_config": {}, "data_meta": {}}
     summary = fit(model=model, train_loader=train, val_loader=val, device=torch.device("cpu"), settings=settings, checkpoint_info=info)
@@ -152,6 +161,31 @@ def test_skip_nonfinite_skips_the_update_and_trains_on(tiny_npz, tmp_path, capsy
 def test_skip_nonfinite_still_stops_a_model_that_stays_broken(tiny_npz, tmp_path):
     with pytest.raises(UserError, match="10 non-finite steps in a row"):
         fit_flaky(tiny_npz, tmp_path, set(range(5, 40)), skip=True)
+
+
+def test_lr_at_constant_and_cosine():
+    assert [lr_at(s, 10, 0.5, "constant") for s in (0, 5, 10)] == [0.5, 0.5, 0.5]
+    cosine = [lr_at(s, 10, 0.5, "cosine") for s in range(11)]
+    assert cosine[0] == 0.5 and cosine[5] == pytest.approx(0.25) and cosine[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_fit_follows_the_lr_schedule_step_by_step(tiny_npz, tmp_path, monkeypatch, schedule):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    _, summary = fit_flaky(tiny_npz, tmp_path, set(), skip=False, lr_schedule=schedule)
+    total = summary["step"]
+    assert len(seen) == total > 4
+    assert seen == pytest.approx([lr_at(s, total, 1e-2, schedule) for s in range(total)])
+    if schedule == "cosine":
+        assert seen[0] == 1e-2 and seen[-1] < 1e-2 * 0.01
 
 
 # ----------------------------------------------------------------------------- collection

@@ -710,6 +710,12 @@ CASES = [
         "--resume: the run was trained with --data",
     ),
     case(
+        "lr_schedule_changed_on_resume",
+        "train_jepa",
+        lambda w, t: resume(w, t, w.jepa, None, "--epochs", "2", "--lr-schedule", "cosine"),
+        "--resume: the run was trained with --lr-schedule constant (now cosine)",
+    ),
+    case(
         "more_actions_than_the_model_inspect",
         "inspect",
         lambda w, t: inspect(w, t, data=twelve_actions(w, t)),
