@@ -101,10 +101,13 @@ class Imagination:
         row of a to the k states of b its row of index names."""
         c, h, w = self.cells
         rows = max(1, SAME_STATE_BLOCK // (h * w * c * max(1, index.shape[1])))  # [rows,k,C,P] at a time
+        # each state of b normalised once, not once per row naming it: two FourRooms maps (3,290
+        # and 3,800 states, one thread) took 19.0 s this way against 29.7, the results unchanged
+        b = _unit_cells(b.reshape(len(b), c, h * w))  # [G,C,P]
         out = []
         for part, at in zip(a.split(rows), index.split(rows), strict=True):
             u = _unit_cells(part.reshape(len(part), 1, c, h * w))  # [rows,1,C,P]
-            v = _unit_cells(b[at].reshape(*at.shape, c, h * w))  # [rows,k,C,P]
+            v = b[at]  # [rows,k,C,P]
             out.append((2 - 2 * (u * v).sum(2).amin(2)).clamp_(min=0))  # [rows,k]
         return torch.cat(out) if out else a.new_zeros(index.shape)
 
