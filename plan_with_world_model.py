@@ -316,11 +316,15 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
     evaluation layouts, from every true state (agent cell and heading) the model imagines k steps
     of random left/right/forward; a rollout is re-identified when, of all the layout's true
     states, the one whose frame is nearest its end is the state the world reached. Nearest by
-    each of the planner's views (a spatial latent: cell by cell and whole). Uses the true grid:
-    a diagnostic, never the planner's input. None when the model's actions lack the three."""
+    each of the planner's views (a spatial latent: cell by cell and whole). `one_step` is the
+    same for every state and each action once, by kind of step: turns, steps forward that move
+    the agent, and steps forward into a wall ("blocked", where the world does not change: a
+    model that predicts those as half a move adds a state that is none of the layout's to every
+    map, and its maps grow past the layout's size); `one_step_error` the median distance of
+    those predictions from the right state, over that state's distance to its nearest other
+    (the map merges what is within half its unit step). Uses the true grid: a diagnostic, never the
+    planner's input. None when the model's actions lack the three."""
     import torch
-
-    from planners import PLAN_BATCH
 
     if not set(NAV_ACTIONS) <= set(actions):
         return None
@@ -331,6 +335,7 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
     )
     rng = np.random.default_rng([seed, 2])
     hits: dict[str, list[list[float]]] = {view: [[] for _ in REID_DEPTHS] for view in views}
+    one_step: dict[str, dict[str, list]] = {view: {kind: [] for kind in STEP_KINDS} for view in views}
     layouts = sorted(set(seeds))[:REID_LAYOUTS]
     base, counted = env.unwrapped, 0
     for layout in layouts:
@@ -345,6 +350,9 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
         frames = torch.from_numpy(model_frames(np.stack(frames), image_size, channels))
         known, start = imagination.target(frames), imagination.start(frames)  # [S,F], [S,...]
         counted += len(states)
+        for view, kinds in one_step_hits(imagination, views, known, start, states, moves).items():
+            for kind, rows in kinds.items():
+                one_step[view][kind].extend(rows)
         for j, depth in enumerate(REID_DEPTHS):
             walk = rng.integers(0, len(NAV_ACTIONS), (len(states), depth))  # [S,k] indices into NAV_ACTIONS
             ends = []
@@ -352,10 +360,7 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
                 for a in walk[i]:
                     s = moves[s][a]
                 ends.append(index[s])
-            # PLAN_BATCH states at a time through the model (the encoder-decoder's are whole frames)
-            imagined = torch.cat(
-                [imagine(imagination, start[at : at + PLAN_BATCH], walk[at : at + PLAN_BATCH]) for at in range(0, len(states), PLAN_BATCH)]
-            )
+            imagined = imagine(imagination, start, walk)
             for view, distance in views.items():
                 nearest = distance(imagined, known).argmin(1).cpu().numpy()
                 hits[view][j].extend((nearest == np.array(ends)).tolist())
@@ -364,16 +369,61 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
         "states": counted,
         "depths": list(REID_DEPTHS),
         **{view: [float(np.mean(h)) for h in per_depth] for view, per_depth in hits.items()},
+        "one_step": {
+            view: {kind: float(np.mean([h for h, _ in r])) if r else None for kind, r in kinds.items()} for view, kinds in one_step.items()
+        },
+        "one_step_error": {
+            view: {kind: float(np.median([e for _, e in r])) if r else None for kind, r in kinds.items()}
+            for view, kinds in one_step.items()
+        },
     }
 
 
-def imagine(imagination: Imagination, state, walk: np.ndarray):
-    """The states [B,...] stepped by each row's actions (indices into NAV_ACTIONS, [B,k]): [B,F]."""
+STEP_KINDS = ("turn", "forward", "blocked")
+
+
+def one_step_hits(imagination: Imagination, views: dict, known, start, states: list, moves: dict) -> dict[str, dict[str, list]]:
+    """Per view and kind of step, for each one-step prediction (every state [S,...] `start`
+    stepped by each of left, right, forward): whether it is nearest, of the layout's states
+    (`known` [S,F]), the state the world reached, and its distance from that state over the
+    distance between that state and its nearest other (under 0.5: nearer the right state than
+    halfway to any other)."""
     import torch
 
-    for t in range(walk.shape[1]):
-        state = imagination.step(state, torch.tensor(NAV_ACTIONS)[walk[:, t]])
-    return imagination.embed(state)
+    index = {s: i for i, s in enumerate(states)}
+    out: dict[str, dict[str, list]] = {view: {kind: [] for kind in STEP_KINDS} for view in views}
+    separation = {}
+    for view, distance in views.items():
+        between = distance(known, known).fill_diagonal_(torch.inf)  # [S,S]
+        separation[view] = between.min(1).values.cpu().numpy()
+    for a in range(len(NAV_ACTIONS)):
+        imagined = imagine(imagination, start, np.full((len(states), 1), a))
+        ends = np.array([index[moves[s][a]] for s in states])
+        # moves[s] lists where left, right and forward lead
+        kinds = ["turn" if a < 2 else "forward" if moves[s][a] != s else "blocked" for s in states]
+        for view, distance in views.items():
+            d = distance(imagined, known).cpu().numpy()  # [S,S]
+            right = d.argmin(1) == ends
+            error = d[np.arange(len(states)), ends] / np.maximum(separation[view][ends], 1e-12)
+            for kind, hit, e in zip(kinds, right.tolist(), error.tolist(), strict=True):
+                out[view][kind].append((hit, e))
+    return out
+
+
+def imagine(imagination: Imagination, state, walk: np.ndarray):
+    """The states [B,...] stepped by each row's actions (indices into NAV_ACTIONS, [B,k]): [B,F].
+    PLAN_BATCH states at a time through the model (the encoder-decoder's are whole frames)."""
+    import torch
+
+    from planners import PLAN_BATCH
+
+    out = []
+    for at in range(0, len(walk), PLAN_BATCH):
+        part = state[at : at + PLAN_BATCH]
+        for t in range(walk.shape[1]):
+            part = imagination.step(part, torch.tensor(NAV_ACTIONS)[walk[at : at + PLAN_BATCH, t]])
+        out.append(imagination.embed(part))
+    return torch.cat(out)
 
 
 def summarise(runs: list[dict], prefix: str = "") -> dict[str, Any]:
@@ -603,6 +653,15 @@ def print_summary(cfg: PlanConfig, report: dict[str, Any], out: Path) -> None:
         print(
             f"imagined rollouts of {'/'.join(map(str, reid['depths']))} random steps from each of the {reid['states']} true states of "
             f"layouts {', '.join(map(str, reid['layouts']))} that end nearest the state reached: {shares}"
+        )
+        view = "cells" if "cells" in reid else "whole"
+        kinds = ", ".join(
+            f"{kind} {x:.2f} (error {reid['one_step_error'][view][kind]:.2f})"
+            for kind, x in reid["one_step"][view].items()
+            if x is not None
+        )
+        print(
+            f"one-step predictions nearest the state reached, by kind ({view} view; error: median distance over the gap to the nearest other state): {kinds}"
         )
     print(f"Saved {out / 'plan.json'}, {out / 'plan.png'}, {out / 'plan.gif'} (the first episode)")
 

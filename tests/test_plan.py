@@ -343,7 +343,14 @@ def test_rollouts_of_a_perfect_model_end_on_the_state_reached(token_frames):
     nearest the state the world reached, at every depth."""
     imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
     reid = rollout_reidentification(token_frames, imag, NAV, [1000, 1001, 1002], None, 3, seed=0)
-    assert reid == {"layouts": [1000, 1001], "states": 2 * len(STATES), "depths": [1, 4, 16], "whole": [1.0, 1.0, 1.0]}
+    assert reid == {
+        "layouts": [1000, 1001],
+        "states": 2 * len(STATES),
+        "depths": [1, 4, 16],
+        "whole": [1.0, 1.0, 1.0],
+        "one_step": {"whole": {"turn": 1.0, "forward": 1.0, "blocked": 1.0}},
+        "one_step_error": {"whole": {"turn": 0.0, "forward": 0.0, "blocked": 0.0}},
+    }
 
 
 def test_rollouts_of_a_model_that_cannot_walk_drift_off_with_depth(token_frames):
@@ -355,6 +362,12 @@ def test_rollouts_of_a_model_that_cannot_walk_drift_off_with_depth(token_frames)
     reid = rollout_reidentification(token_frames, imag, NAV, [1000], None, 3, seed=0)
     one, four, sixteen = reid["whole"]
     assert 0.6 < one < 0.85 and four < one and sixteen < 0.2
+    # by kind: its turns are right, and so are its steps into walls (the world stays put too)
+    assert reid["one_step"] == {"whole": {"turn": 1.0, "forward": 0.0, "blocked": 1.0}}
+    # a step forward it predicts as staying put is at least as far from the right state as that
+    # state's nearest other is
+    errors = reid["one_step_error"]["whole"]
+    assert errors["turn"] == errors["blocked"] == 0.0 and errors["forward"] >= 1.0
     imag.cells = (16, 4, 4)
     assert set(rollout_reidentification(token_frames, imag, NAV, [1000], None, 3, seed=0)) == {
         "layouts",
@@ -362,6 +375,8 @@ def test_rollouts_of_a_model_that_cannot_walk_drift_off_with_depth(token_frames)
         "depths",
         "cells",
         "whole",
+        "one_step",
+        "one_step_error",
     }
     assert rollout_reidentification(token_frames, imag, [0, 1], [1000], None, 3, seed=0) is None
 
@@ -618,6 +633,8 @@ def test_imagined_planner_end_to_end_records_its_search_size(work, checkpoint):
     reid = d["rollout_reidentification"]
     assert reid["layouts"] == [1000, 1001] and reid["depths"] == [1, 4, 16] and reid["states"] == 2 * len(STATES)
     assert all(0 <= x <= 1 for x in reid["whole"]) and "cells" not in reid
+    assert all(0 <= x <= 1 for x in reid["one_step"]["whole"].values())
+    assert all(x >= 0 for x in reid["one_step_error"]["whole"].values())
 
 
 def check_report(out, planner, horizon):
