@@ -335,7 +335,7 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
     )
     rng = np.random.default_rng([seed, 2])
     hits: dict[str, list[list[float]]] = {view: [[] for _ in REID_DEPTHS] for view in views}
-    one_step: dict[str, dict[str, list]] = {view: {kind: [] for kind in STEP_KINDS} for view in views}
+    step_kinds, step_hits, step_errors = [], {view: [] for view in views}, {view: [] for view in views}
     layouts = sorted(set(seeds))[:REID_LAYOUTS]
     base, counted = env.unwrapped, 0
     for layout in layouts:
@@ -350,9 +350,11 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
         frames = torch.from_numpy(model_frames(np.stack(frames), image_size, channels))
         known, start = imagination.target(frames), imagination.start(frames)  # [S,F], [S,...]
         counted += len(states)
-        for view, kinds in one_step_hits(imagination, views, known, start, states, moves).items():
-            for kind, rows in kinds.items():
-                one_step[view][kind].extend(rows)
+        kinds, hits_now, errors_now = one_step_hits(imagination, views, known, start, states, moves, index)
+        step_kinds.append(kinds)
+        for view in views:
+            step_hits[view].append(hits_now[view])
+            step_errors[view].append(errors_now[view])
         for j, depth in enumerate(REID_DEPTHS):
             walk = rng.integers(0, len(NAV_ACTIONS), (len(states), depth))  # [S,k] indices into NAV_ACTIONS
             ends = []
@@ -369,45 +371,44 @@ def rollout_reidentification(env, imagination: Imagination, actions: list[int], 
         "states": counted,
         "depths": list(REID_DEPTHS),
         **{view: [float(np.mean(h)) for h in per_depth] for view, per_depth in hits.items()},
-        "one_step": {
-            view: {kind: float(np.mean([h for h, _ in r])) if r else None for kind, r in kinds.items()} for view, kinds in one_step.items()
-        },
-        "one_step_error": {
-            view: {kind: float(np.median([e for _, e in r])) if r else None for kind, r in kinds.items()}
-            for view, kinds in one_step.items()
-        },
+        "one_step": by_kind(step_kinds, step_hits, np.mean),
+        "one_step_error": by_kind(step_kinds, step_errors, np.median),
     }
+
+
+def by_kind(kinds: list, values: dict[str, list], reduce) -> dict[str, dict[str, float | None]]:
+    """Per view, `reduce` over the values of each kind of step (None: the layouts had none)."""
+    kinds_all = np.concatenate(kinds)
+    out = {}
+    for view, parts in values.items():
+        v = np.concatenate(parts)
+        out[view] = {kind: float(reduce(v[kinds_all == kind])) if (kinds_all == kind).any() else None for kind in STEP_KINDS}
+    return out
 
 
 STEP_KINDS = ("turn", "forward", "blocked")
 
 
-def one_step_hits(imagination: Imagination, views: dict, known, start, states: list, moves: dict) -> dict[str, dict[str, list]]:
-    """Per view and kind of step, for each one-step prediction (every state [S,...] `start`
-    stepped by each of left, right, forward): whether it is nearest, of the layout's states
-    (`known` [S,F]), the state the world reached, and its distance from that state over the
-    distance between that state and its nearest other (under 0.5: nearer the right state than
-    halfway to any other)."""
+def one_step_hits(imagination: Imagination, views: dict, known, start, states: list, moves: dict, index: dict):
+    """Every state [S,...] `start` stepped once by each of left, right, forward: the kind of each
+    step [3S] (STEP_KINDS) and, per view, whether the prediction is nearest, of the layout's states
+    (`known` [S,F]), the state the world reached [3S], and its distance from that state over the
+    distance between that state and its nearest other [3S] (under 0.5: nearer the right state
+    than halfway to any other)."""
     import torch
 
-    index = {s: i for i, s in enumerate(states)}
-    out: dict[str, dict[str, list]] = {view: {kind: [] for kind in STEP_KINDS} for view in views}
-    separation = {}
+    # moves[s] lists where left, right and forward lead
+    ends = np.array([index[moves[s][a]] for a in range(len(NAV_ACTIONS)) for s in states])
+    kinds = np.array(["turn" if a < 2 else "forward" if moves[s][a] != s else "blocked" for a in range(len(NAV_ACTIONS)) for s in states])
+    walk = np.repeat(np.arange(len(NAV_ACTIONS)), len(states))[:, None]  # [3S,1]
+    imagined = imagine(imagination, start.repeat(len(NAV_ACTIONS), *[1] * (start.dim() - 1)), walk)
+    hits, errors = {}, {}
     for view, distance in views.items():
-        between = distance(known, known).fill_diagonal_(torch.inf)  # [S,S]
-        separation[view] = between.min(1).values.cpu().numpy()
-    for a in range(len(NAV_ACTIONS)):
-        imagined = imagine(imagination, start, np.full((len(states), 1), a))
-        ends = np.array([index[moves[s][a]] for s in states])
-        # moves[s] lists where left, right and forward lead
-        kinds = ["turn" if a < 2 else "forward" if moves[s][a] != s else "blocked" for s in states]
-        for view, distance in views.items():
-            d = distance(imagined, known).cpu().numpy()  # [S,S]
-            right = d.argmin(1) == ends
-            error = d[np.arange(len(states)), ends] / np.maximum(separation[view][ends], 1e-12)
-            for kind, hit, e in zip(kinds, right.tolist(), error.tolist(), strict=True):
-                out[view][kind].append((hit, e))
-    return out
+        separation = distance(known, known).fill_diagonal_(torch.inf).min(1).values.cpu().numpy()  # [S]
+        d = distance(imagined, known).cpu().numpy()  # [3S,S]
+        hits[view] = d.argmin(1) == ends
+        errors[view] = d[np.arange(len(ends)), ends] / np.maximum(separation[ends], 1e-12)
+    return kinds, hits, errors
 
 
 def imagine(imagination: Imagination, state, walk: np.ndarray):
