@@ -485,6 +485,18 @@ class MiniGridTransitions:
             out[at_end] = self.terminal_obs[j[at_end] - n]
         return out
 
+    def unchanged(self, chunk: int = 4096) -> np.ndarray:
+        """[N] bool: transitions whose next frame is the frame itself, pixel for pixel (an action
+        with no visible effect, such as a step into a wall). Read a chunk at a time, so a
+        memory-mapped dataset is never loaded whole."""
+        import torch
+
+        out = np.zeros(len(self), dtype=bool)
+        for start in range(0, len(self), chunk):
+            idx = torch.arange(start, min(start + chunk, len(self)))
+            out[idx.numpy()] = (self.obs[idx].flatten(1) == self.next_obs(idx).flatten(1)).all(1).numpy()
+        return out
+
     def window_starts(self, k: int) -> np.ndarray:
         """Rows i whose transitions i..i+k-1 are k consecutive steps of one episode (k=1: every row)."""
         step = self.fields["step"].numpy() if "step" in self.fields else None
@@ -572,6 +584,7 @@ class EpochBatchSampler:
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+        self.repeated = 0  # windows drawn more than once per epoch (make_loaders: repeat_unchanged)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -612,11 +625,14 @@ def make_loaders(
     rank: int = 0,
     world_size: int = 1,
     unroll: int = 1,
+    repeat_unchanged: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """(train, val) DataLoaders of `unroll`-step windows (`frames` [B,unroll+1,H,W,C], `actions`
     [B,unroll]) over an episode-level split. Train batches are shuffled per epoch and
     full-sized, and split across `world_size` ranks; val keeps every window in order (every
-    rank evaluates all of it). With unroll 1 the windows are the transitions, in the same order."""
+    rank evaluates all of it). With unroll 1 the windows are the transitions, in the same order.
+    Training windows holding a step whose frame does not change are drawn `repeat_unchanged`
+    times per epoch (the train sampler's `repeated` counts them); validation keeps each once."""
     from torch.utils.data import DataLoader
 
     if unroll < 1:
@@ -631,6 +647,8 @@ def make_loaders(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
         fail(f"--num-workers must be 0 (load in the main process) or more, got {num_workers}")
+    if repeat_unchanged < 1:
+        fail(f"--repeat-unchanged must be at least 1 (1: each window once per epoch), got {repeat_unchanged}")
     if batch_size % world_size:
         fail(f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} processes")
     train_idx, val_idx = split_episodes(data.episode, val_fraction, seed)
@@ -646,7 +664,16 @@ def make_loaders(
         fail(f"the validation episodes hold no {what}; collect more (or longer) episodes or lower --unroll")
     kw = dict(collate_fn=_as_batch, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     windows = TransitionWindows(data, unroll)
-    train_sampler = EpochBatchSampler(train_idx, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world_size)
+    repeated = np.zeros(0, dtype=train_idx.dtype)
+    if repeat_unchanged > 1:
+        # a window's steps are rows start..start+unroll-1 of one episode
+        unchanged = data.unchanged()
+        holds = np.logical_or.reduce([unchanged[train_idx + j] for j in range(unroll)])
+        repeated = np.repeat(train_idx[holds], repeat_unchanged - 1)
+    train_sampler = EpochBatchSampler(
+        np.concatenate([train_idx, repeated]), batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world_size
+    )
+    train_sampler.repeated = len(repeated) // max(1, repeat_unchanged - 1)
     train = DataLoader(windows, batch_sampler=train_sampler, **kw)
     val = DataLoader(windows, batch_sampler=EpochBatchSampler(val_idx, batch_size, shuffle=False, seed=seed, drop_last=False), **kw)
     return train, val

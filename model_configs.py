@@ -35,6 +35,7 @@ class JEPAConfig:
     cell_px: int = 0  # spatial: pixels per grid cell of the frames (0: unknown); see `halvings`
     idm_head: str = "mlp"  # the inverse-dynamics head: "mlp" on the flattened latents, or "conv" over a spatial map
     idm_hidden_dim: int = 0  # the inverse-dynamics head's width (0: predictor_hidden_dim's)
+    predictor_dilations: list[int] = field(default_factory=lambda: [1, 1, 1])  # spatial: the predictor's three convs
 
     def __post_init__(self):
         if self.reg not in ("none", "vicreg"):
@@ -43,6 +44,8 @@ class JEPAConfig:
             raise ValueError(f"pred_loss must be one of {PRED_LOSSES}, got {self.pred_loss!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if len(self.predictor_dilations) != 3 or min(self.predictor_dilations) < 1:
+            raise ValueError(f"predictor_dilations must be three dilations of at least 1, got {self.predictor_dilations}")
         if self.idm_head not in ("mlp", "conv") or (self.idm_head == "conv" and not self.spatial):
             raise ValueError(f"idm_head must be 'mlp', or 'conv' for a spatial latent, got {self.idm_head!r} (spatial={self.spatial})")
 

@@ -107,6 +107,14 @@ class TrainConfig(ViTArgs, RunConfig):
     predictor_hidden_dim: int = field(
         default=0, metadata={"help": "cnn: the predictor's width (0: 256; --spatial 64); the ViT's is --jepa-predictor-hidden-dim"}
     )
+    predictor_dilations: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "cnn --spatial: the dilations of the predictor's three convs (default 1 1 1: a cell sees 3 cells either way; "
+            "1 2 4: 7, for large maps whose view highlight a step repaints farther out, see docs/planning.md)",
+            "repeat": True,
+        },
+    )
     residual: bool = field(default=True, metadata={"help": "the predictor outputs z + delta (--no-residual: seed 003's predictor)"})
     jepa_predictor_hidden_dim: int = field(default=256, metadata={"help": "vit: predictor hidden size"})
     predictor: str = field(default="mlp", metadata={"help": "vit: predictor type", "choices": ["mlp", "transformer"]})
@@ -137,7 +145,7 @@ ONLY_FOR = {
         "patch_norm",
         "local_attention",
     ),
-    "cnn": ("vc_all_steps", "pred_loss", "idm_head", "idm_hidden_dim", "channels", "predictor_hidden_dim"),
+    "cnn": ("vc_all_steps", "pred_loss", "idm_head", "idm_hidden_dim", "channels", "predictor_hidden_dim", "predictor_dilations"),
 }
 
 
@@ -201,6 +209,7 @@ def cnn_config(data: Any, cfg: TrainConfig) -> JEPAConfig:
             latent_dim=m[0] * m[1] * m[2],
             cell_px=cell,
             idm_head=cfg.idm_head,
+            **({"predictor_dilations": cfg.predictor_dilations} if cfg.predictor_dilations else {}),
         )
     else:
         sizes = dict(latent_dim=cfg.latent_dim, **({"channels": cfg.channels} if cfg.channels else {}))
@@ -269,6 +278,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         fail(f"--channels must each be from 1 to {MAX_WIDTH}, got {' '.join(map(str, cfg.channels))}")
     if not 0 <= cfg.idm_hidden_dim <= MAX_WIDTH:
         fail(f"--idm-hidden-dim must be from 1 to {MAX_WIDTH}, or 0 for the predictor's width, got {cfg.idm_hidden_dim}")
+    if cfg.predictor_dilations and not (cfg.arch == "cnn" and cfg.spatial):
+        fail("--predictor-dilations widen the convolutional predictor of --arch cnn --spatial; other latents have none")
+    if cfg.predictor_dilations and (len(cfg.predictor_dilations) != 3 or not all(1 <= d <= 64 for d in cfg.predictor_dilations)):
+        fail(f"--predictor-dilations takes three dilations from 1 to 64 (one per conv), got {' '.join(map(str, cfg.predictor_dilations))}")
     if cfg.idm_head == "conv" and not (cfg.arch == "cnn" and cfg.spatial):
         fail("--idm-head conv slides over the feature map of --arch cnn --spatial; other latents have no map (use mlp)")
     if cfg.arch == "vit" and cfg.target == "online" and cfg.arrangement == "seed":

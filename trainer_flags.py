@@ -86,6 +86,13 @@ class RunConfig:
         default=1,
         metadata={"help": "train on windows of K consecutive steps, the predictor fed its own output K times (1: one-step)"},
     )
+    repeat_unchanged: int = field(
+        default=1,
+        metadata={
+            "help": "draw each training window that holds a step whose frame does not change (a step into a wall) this many "
+            "times per epoch (1: once, as every window); rare in walks, such steps are the least precise predictions otherwise"
+        },
+    )
 
 
 @dataclass

@@ -550,7 +550,7 @@ def check_out_dir_apart_from_data(out: Path, data: str | Path) -> None:
 RESUME_MAY_CHANGE = {"epochs", "steps", "resume", "overwrite", "log_every", "device", "num_workers", "save_every", "skip_nonfinite"}
 RESUME_MAY_CHANGE |= {"compile", "config", "out_dir"}
 # what runs saved before a flag existed were trained with
-FLAG_BEFORE_IT_EXISTED = {"unroll": 1, "lr_schedule": "constant"}
+FLAG_BEFORE_IT_EXISTED = {"unroll": 1, "lr_schedule": "constant", "repeat_unchanged": 1, "predictor_dilations": []}
 
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -662,11 +662,14 @@ def fit_settings(cfg: Any, arch: str, epochs: int) -> FitSettings:
     )
 
 
-def describe(data: Any, train_loader: Any, val_loader: Any, unroll: int, arch: str, model: torch.nn.Module) -> str:
+def describe(data: Any, train_loader: Any, val_loader: Any, unroll: int, arch: str, model: torch.nn.Module, repeat: int = 1) -> str:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sampler = train_loader.batch_sampler
+    n_train = len(sampler.indices) - sampler.repeated * (repeat - 1)
+    repeats = f", the {sampler.repeated} with an unchanged frame drawn {repeat}x" if repeat > 1 else ""
     return (
         f"Data: {len(data)} transitions from {len(np.unique(data.episode))} episodes "
-        f"({len(train_loader.batch_sampler.indices)} train / {len(val_loader.batch_sampler.indices)} val"
+        f"({n_train} train{repeats} / {len(val_loader.batch_sampler.indices)} val"
         f"{f' windows of {unroll} steps' if unroll > 1 else ''}) | "
         f"Model: {arch}, {n_params / 1e6:.2f}M trainable parameters"
     )
@@ -707,6 +710,7 @@ def _train_run(
             rank=rank(),
             world_size=world_size(),
             unroll=cfg.unroll,
+            repeat_unchanged=cfg.repeat_unchanged,
         )
         steps_per_epoch = len(train_loader.batch_sampler)
         epochs = cfg.epochs = epochs_for(cfg, steps_per_epoch)  # config.json records the epochs a --steps budget gave
@@ -718,7 +722,7 @@ def _train_run(
             )
         model = build_checked_model(build_model, resume_from, data, cfg.batch_size)
         model.to(device)
-        say(describe(data, train_loader, val_loader, cfg.unroll, arch, model))
+        say(describe(data, train_loader, val_loader, cfg.unroll, arch, model, cfg.repeat_unchanged))
         train_config = to_jsonable(cfg)
         if world_size() > 1:
             dist.barrier()  # every rank has read the old run before rank 0 moves or writes anything

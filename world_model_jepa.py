@@ -77,21 +77,31 @@ class CNNEncoder(nn.Module):
 class SpatialPredictor(nn.Module):
     """(feature map, action) -> next feature map, convolutional with the action embedding tiled
     over every position (as PLDM's predictor): what an action does to a cell depends on its
-    neighbours, the same everywhere, so it carries over to layouts never seen."""
+    neighbours, the same everywhere, so it carries over to layouts never seen. `dilations` widen
+    what a cell sees (1 1 1: 3 cells either way; 1 2 4: 7), for views whose highlight a step
+    repaints farther from the agent than that."""
 
     def __init__(
-        self, *, map_shape: tuple[int, int, int], num_actions: int, action_emb_dim: int, hidden_dim: int, continuous_actions: bool
+        self,
+        *,
+        map_shape: tuple[int, int, int],
+        num_actions: int,
+        action_emb_dim: int,
+        hidden_dim: int,
+        continuous_actions: bool,
+        dilations: tuple[int, int, int] = (1, 1, 1),
     ):
         super().__init__()
         self.map_shape = map_shape
         c = map_shape[0]
+        d1, d2, d3 = dilations
         self.action_emb = action_embedding(num_actions=num_actions, dim=action_emb_dim, continuous=continuous_actions)
         self.net = nn.Sequential(
-            nn.Conv2d(c + action_emb_dim, hidden_dim, 3, padding=1),
+            nn.Conv2d(c + action_emb_dim, hidden_dim, 3, padding=d1, dilation=d1),
             nn.ReLU(),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=d2, dilation=d2),
             nn.ReLU(),
-            nn.Conv2d(hidden_dim, c, 3, padding=1),
+            nn.Conv2d(hidden_dim, c, 3, padding=d3, dilation=d3),
         )
         nn.init.zeros_(self.net[-1].weight)  # residual: starts as the copy baseline
         nn.init.zeros_(self.net[-1].bias)
@@ -190,6 +200,7 @@ class JEPAWorldModel(nn.Module):
                 action_emb_dim=config.action_emb_dim,
                 hidden_dim=config.predictor_hidden_dim,
                 continuous_actions=config.continuous_actions,
+                dilations=tuple(config.predictor_dilations),
             )
         else:
             self.predictor = LatentPredictor(

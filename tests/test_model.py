@@ -261,6 +261,32 @@ def test_spatial_predictor_is_translation_equivariant():
     assert not torch.allclose(out[..., 3, 3], out_shifted[..., 3, 3])
 
 
+@pytest.mark.parametrize("dilations, reach", [((1, 1, 1), 3), ((1, 2, 4), 7)])
+def test_spatial_predictor_dilations_set_how_far_a_cell_sees(dilations, reach):
+    """A change `reach` positions away moves a cell's prediction, one further does not: the
+    highlighted view a step repaints reaches 6 cells from the agent, past the plain predictor's 3."""
+    model = make_model(
+        (128, 128, 3),
+        spatial=True,
+        channels=[8, 8, 8, 4],
+        latent_dim=4 * 16 * 16,
+        predictor_hidden_dim=8,
+        cell_px=8,
+        predictor_dilations=list(dilations),
+    )
+    torch.nn.init.normal_(model.predictor.net[-1].weight, std=0.1)
+    a = torch.tensor([1])
+    base = torch.zeros(1, 4, 16, 16)
+    out = model.predict(base.flatten(1), a).view(4, 16, 16)
+    for offset, moves in ((reach, True), (reach + 1, False)):
+        poked = base.clone()
+        poked[0, :, 0, offset] = 1.0
+        changed = model.predict(poked.flatten(1), a).view(4, 16, 16)
+        assert bool((changed[:, 0, 0] - out[:, 0, 0]).abs().max() > 1e-6) == moves, offset
+    with pytest.raises(ValueError, match="predictor_dilations"):
+        make_model((64, 64, 3), spatial=True, channels=[8, 8, 4], latent_dim=4 * 8 * 8, predictor_dilations=[1, 2])
+
+
 def test_spatial_vicreg_counts_every_position_as_a_sample_of_the_channels():
     """A map whose channels vary across positions is not collapsed, even if a position's own
     value never changes across the batch."""

@@ -83,6 +83,27 @@ def test_unroll_windows_stay_in_their_split(tiny_npz):
         assert (data.episode[ends] == data.episode[sampler.indices]).all()
 
 
+def test_windows_with_an_unchanged_frame_are_drawn_repeat_unchanged_times(tiny_npz):
+    """A step whose frame does not change (into a wall) is found pixel for pixel; the training
+    windows holding one are drawn N times per epoch, the others once, validation untouched."""
+    data = MiniGridTransitions(tiny_npz)
+    unchanged = data.unchanged(chunk=7)  # chunks of any size give the same answer
+    rows = torch.arange(len(data))
+    assert np.array_equal(unchanged, (data.obs[rows].flatten(1) == data.next_obs(rows).flatten(1)).all(1).numpy())
+    assert 0 < unchanged.sum() < len(data)
+    once, val_once = make_loaders(data, batch_size=8, val_fraction=0.2, seed=0, unroll=3)
+    thrice, val = make_loaders(data, batch_size=8, val_fraction=0.2, seed=0, unroll=3, repeat_unchanged=3)
+    base = once.batch_sampler.indices
+    holds = unchanged[base] | unchanged[base + 1] | unchanged[base + 2]
+    counts = {int(i): int(n) for i, n in zip(*np.unique(thrice.batch_sampler.indices, return_counts=True), strict=True)}
+    assert sorted(counts) == sorted(base.tolist())
+    assert all(counts[int(i)] == (3 if h else 1) for i, h in zip(base, holds, strict=True))
+    assert thrice.batch_sampler.repeated == holds.sum() > 0 and once.batch_sampler.repeated == 0
+    assert np.array_equal(val.batch_sampler.indices, val_once.batch_sampler.indices)
+    with pytest.raises(Exception, match="--repeat-unchanged must be at least 1"):
+        make_loaders(data, batch_size=8, repeat_unchanged=0)
+
+
 def test_bad_unroll_is_a_user_error(tiny_npz):
     from wm_common import UserError
 
@@ -332,6 +353,13 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--predictor-hidden-dim", "-1"], "--predictor-hidden-dim must be from 1 to 65536, or 0"),
         (["--channels", "16", "0"], "--channels must each be from 1 to 65536, got 16 0"),
         (["--spatial", "--channels", "16"], "--channels 16: 1 convs leave a 16x16 map, not one position per 4 px cell"),
+        (["--repeat-unchanged", "0"], "--repeat-unchanged must be at least 1"),
+        (["--predictor-dilations", "1", "2", "4"], "--predictor-dilations widen the convolutional predictor of --arch cnn --spatial"),
+        (
+            ["--spatial", "--predictor-dilations", "1", "2"],
+            "--predictor-dilations takes three dilations from 1 to 64 (one per conv), got 1 2",
+        ),
+        (["--spatial", "--predictor-dilations", "1", "0", "4"], "--predictor-dilations takes three dilations from 1 to 64"),
     ],
 )
 def test_bad_objective_flags_are_one_line_errors(tmp_path, tiny_npz, flags, message):
@@ -457,3 +485,12 @@ def test_the_spatial_model_makes_one_cell_one_map_position_from_the_datas_cell_s
     assert config["channels"] == [8, 12, 6] and config["predictor_hidden_dim"] == 10 and config["latent_dim"] == 6 * 8 * 8
     model = model_from_checkpoint(load_checkpoint(tmp_path / "n", arch="jepa_cnn"))
     assert model.map_shape == (6, 8, 8)
+    assert [conv.dilation[0] for conv in model.predictor.net[::2]] == [1, 1, 1]
+    # a wider-seeing predictor: its dilations saved and rebuilt; steps into walls drawn 3 times
+    config = trained_config(tiny_npz, tmp_path / "d", "--predictor-dilations", "1", "2", "4", "--repeat-unchanged", "3")
+    assert config["predictor_dilations"] == [1, 2, 4]
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["train"]["repeat_unchanged"] == 3
+    resumed = run("train_jepa.py", "--data", str(tiny_npz), "--out-dir", str(tmp_path / "d"), "--device", "cpu", "--spatial", "--resume")
+    assert_one_line_error(resumed, "--repeat-unchanged 3 (now 1)")
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "d", arch="jepa_cnn"))
+    assert [conv.dilation[0] for conv in model.predictor.net[::2]] == [1, 2, 4]
