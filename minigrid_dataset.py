@@ -614,6 +614,9 @@ def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+MAX_REPEAT = 100  # --repeat-unchanged: more would fill epochs with copies of a few windows
+
+
 def make_loaders(
     data: MiniGridTransitions,
     *,
@@ -647,8 +650,8 @@ def make_loaders(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
         fail(f"--num-workers must be 0 (load in the main process) or more, got {num_workers}")
-    if repeat_unchanged < 1:
-        fail(f"--repeat-unchanged must be at least 1 (1: each window once per epoch), got {repeat_unchanged}")
+    if not 1 <= repeat_unchanged <= MAX_REPEAT:
+        fail(f"--repeat-unchanged must be from 1 (each window once per epoch) to {MAX_REPEAT}, got {repeat_unchanged}")
     if batch_size % world_size:
         fail(f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} processes")
     train_idx, val_idx = split_episodes(data.episode, val_fraction, seed)

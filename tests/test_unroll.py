@@ -100,8 +100,9 @@ def test_windows_with_an_unchanged_frame_are_drawn_repeat_unchanged_times(tiny_n
     assert all(counts[int(i)] == (3 if h else 1) for i, h in zip(base, holds, strict=True))
     assert thrice.batch_sampler.repeated == holds.sum() > 0 and once.batch_sampler.repeated == 0
     assert np.array_equal(val.batch_sampler.indices, val_once.batch_sampler.indices)
-    with pytest.raises(Exception, match="--repeat-unchanged must be at least 1"):
-        make_loaders(data, batch_size=8, repeat_unchanged=0)
+    for bad in (0, 101):
+        with pytest.raises(Exception, match="--repeat-unchanged must be from 1 .* to 100"):
+            make_loaders(data, batch_size=8, repeat_unchanged=bad)
 
 
 def test_bad_unroll_is_a_user_error(tiny_npz):
@@ -353,7 +354,7 @@ def test_steps_budget_sets_the_epochs(tmp_path, tiny_npz):
         (["--predictor-hidden-dim", "-1"], "--predictor-hidden-dim must be from 1 to 65536, or 0"),
         (["--channels", "16", "0"], "--channels must each be from 1 to 65536, got 16 0"),
         (["--spatial", "--channels", "16"], "--channels 16: 1 convs leave a 16x16 map, not one position per 4 px cell"),
-        (["--repeat-unchanged", "0"], "--repeat-unchanged must be at least 1"),
+        (["--repeat-unchanged", "0"], "--repeat-unchanged must be from 1 (each window once per epoch) to 100, got 0"),
         (["--predictor-dilations", "1", "2", "4"], "--predictor-dilations widen the convolutional predictor of --arch cnn --spatial"),
         (
             ["--spatial", "--predictor-dilations", "1", "2"],
