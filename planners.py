@@ -33,8 +33,14 @@ SAME_STATE_BLOCK = 2**24
 # An imagined map compares a spatial latent's new states cell by cell only with this many known
 # states, those nearest as whole latents: the cell-by-cell comparison is a small product per map
 # position, slow next to one matrix product of whole latents, and all of them made 70% of the
-# planning time on a 19x19 map (FourRooms, maps of up to 2,888 states).
-SAME_STATE_CANDIDATES = 16
+# planning time on a 19x19 map (FourRooms, maps of up to 2,888 states). 4 drew the same maps as
+# 16 in half the time (three FourRooms maps of 3,053-3,225 states); 1 and 2 drew others.
+SAME_STATE_CANDIDATES = 4
+# ... and finds those candidates by sketches of the whole latents: random projections to this many
+# dimensions, which keep squared distances within a few tens of percent (Johnson-Lindenstrauss),
+# enough to rank a state's near duplicates first. Comparing a FourRooms latent (5,776 numbers)
+# whole with every known state was the largest cost left once the candidates were 4.
+SKETCH_DIM = 128
 
 
 class Imagination:
@@ -99,23 +105,40 @@ class Imagination:
     def same_state_distance_at(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """[S,F] x [G,F], index [S,k] -> [S,k]: a spatial latent's `same_state_distance` of each
         row of a to the k states of b its row of index names."""
+        return self.distances_at(a, b, index)[1]
+
+    def distances_at(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S,F] x [G,F] unit latents (as `embed` and `target` give), index [S,k] -> ([S,k],
+        [S,k]): a spatial latent's `distance` and `same_state_distance` of each row of a to the k
+        states of b its row of index names, both from one gather of those states (the gather is
+        the cost: [S,k,F] numbers)."""
         c, h, w = self.cells
         rows = max(1, SAME_STATE_BLOCK // (h * w * c * max(1, index.shape[1])))  # [rows,k,C,P] at a time
-        # each state of b normalised once, not once per row naming it: two FourRooms maps (3,290
-        # and 3,800 states, one thread) took 19.0 s this way against 29.7, the results unchanged
-        b = _unit_cells(b.reshape(len(b), c, h * w))  # [G,C,P]
-        out = []
+        b = b.reshape(len(b), c, h * w)
+        # each state's cell lengths once, not once per row naming it: two FourRooms maps (3,290 and
+        # 3,800 states, one thread) took 19.0 s this way against 29.7, the results unchanged
+        b_lengths = _cell_lengths(b)  # [G,P]
+        whole, cells = [], []
         for part, at in zip(a.split(rows), index.split(rows), strict=True):
-            u = _unit_cells(part.reshape(len(part), 1, c, h * w))  # [rows,1,C,P]
-            v = b[at]  # [rows,k,C,P]
-            out.append((2 - 2 * (u * v).sum(2).amin(2)).clamp_(min=0))  # [rows,k]
-        return torch.cat(out) if out else a.new_zeros(index.shape)
+            u = part.reshape(len(part), 1, c, h * w)  # [rows,1,C,P]
+            dots = (u * b[at]).sum(2)  # [rows,k,P]: per position, unnormalised
+            # whole latents are unit vectors: |u - v|^2 = 2 - 2 u.v, u.v the sum over positions
+            whole.append((2 - 2 * dots.sum(2)).clamp_(min=0))
+            cells.append((2 - 2 * (dots / (_cell_lengths(u) * b_lengths[at])).amin(2)).clamp_(min=0))
+        if not whole:
+            return a.new_zeros(index.shape), a.new_zeros(index.shape)
+        return torch.cat(whole), torch.cat(cells)
+
+
+def _cell_lengths(maps: torch.Tensor) -> torch.Tensor:
+    """Feature maps [...,C,P] -> [...,P]: the length of each position's C-vector (F.normalize
+    along C, whose stride is P, took 5x longer than dividing by these)."""
+    return maps.pow(2).sum(-2).sqrt_().clamp_(min=1e-12)
 
 
 def _unit_cells(maps: torch.Tensor) -> torch.Tensor:
-    """Feature maps [...,C,P] with each position's C-vector scaled to unit length (F.normalize
-    along C, whose stride is P, took 5x longer)."""
-    return maps / maps.pow(2).sum(-2, keepdim=True).sqrt_().clamp_(min=1e-12)
+    """Feature maps [...,C,P] with each position's C-vector scaled to unit length."""
+    return maps / _cell_lengths(maps).unsqueeze(-2)
 
 
 class LatentGraph:
@@ -245,12 +268,10 @@ def local_steps(
     return torch.cat([d1, *d2])
 
 
-def first_of_each(vec: torch.Tensor, candidates: torch.Tensor, radius: float, distance: Distance) -> list[int]:
-    """Of the candidate states (indices into vec [N,F]), the first of each group that is one
-    state: a candidate within `radius` of one kept before it is that state reached twice."""
-    if not len(candidates):
-        return []
-    near = (distance(vec[candidates], vec[candidates]) <= radius).cpu().numpy()  # [k,k]
+def first_of_each(candidates: torch.Tensor, near: np.ndarray) -> list[int]:
+    """Of the candidate states (indices), the first of each group that is one state, given which
+    of them are near which (`near` [k,k]): a candidate near one kept before it is that state
+    reached twice."""
     covered = np.zeros(len(candidates), bool)
     kept = []
     for j in range(len(candidates)):
@@ -261,6 +282,11 @@ def first_of_each(vec: torch.Tensor, candidates: torch.Tensor, radius: float, di
 
 
 DEFAULT_MAX_NODES = 3000  # an imagined search's size when the latent has no map to size it by
+# An imagined map steps this many of its states at a time, then looks for the goal: a map stops
+# growing within a chunk's new states of its size, where stepping a whole breadth-first layer
+# overshot it (FourRooms maps capped at 2,888 states reached 4,221, and time grows with the
+# square of the states: each new one is compared with every known one).
+EXPAND_CHUNK = 256
 
 
 class ImaginedGraph:
@@ -303,6 +329,7 @@ class ImaginedGraph:
         # a spatial latent's two views of a distance (see above); else its one
         self.views: list[Distance] = [imagination.distance] if cells is None else [imagination.same_state_distance, imagination.distance]
         self.scales = [1.0] * len(self.views)  # the shortest real step from the map's first state, per view
+        self.projection: torch.Tensor | None = None  # [F,K]: makes sketches (see `_sketch`)
 
     def forget(self) -> None:
         """Drops the map (a new episode's layout is another)."""
@@ -315,6 +342,7 @@ class ImaginedGraph:
         im = self.imagination
         self.goal, self.searches = goal, self.searches + 1
         self.states, self.vectors = im.start(frame), im.target(frame)  # [1,...], [1,F]
+        self.sketches = self._sketch(self.vectors)  # [1,K], or None: candidates found exactly
         self.scales = [step_scale(local_steps(im, self.states, self.vectors, self.actions, view)) for view in self.views]
         self.goal_dist = self.distance(self.vectors, goal).min(1).values  # [N]
         # edges[i, a]: the state action a leads to from state i (-1: not imagined); states
@@ -324,29 +352,42 @@ class ImaginedGraph:
         self.grow(0)
         return self.path_from(0)
 
-    def distance(self, a: torch.Tensor, b: torch.Tensor, candidates: int = 0) -> torch.Tensor:
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[S,F] x [G,F] -> [S,G] in units of the map's shortest real step: the nearer of the views
-        (a view whose steps were all too small to tell apart says only "identical" or "apart").
-        With `candidates` > 0, a spatial latent is compared cell by cell only with that many
-        states of b, those nearest each row as whole latents (inf for the others)."""
+        (a view whose steps were all too small to tell apart says only "identical" or "apart")."""
         im = self.imagination
         if im.cells is None:
             return _in_units(im.distance(a, b), self.scales[0])
-        whole = im.distance(a, b)  # a fresh [S,G]: scaled in place (a map's comparisons reach 100 MB)
-        if candidates and len(b) > candidates:
-            index = whole.topk(candidates, dim=1, largest=False).indices  # [S,k]
-            cells = torch.full_like(whole, torch.inf).scatter_(1, index, _in_units(im.same_state_distance_at(a, b, index), self.scales[0]))
-        else:
-            cells = _in_units(im.same_state_distance(a, b), self.scales[0])
+        whole = im.distance(a, b)  # a fresh [S,G]: scaled in place
+        cells = _in_units(im.same_state_distance(a, b), self.scales[0])
         return torch.minimum(_in_units(whole, self.scales[1]), cells, out=cells)
 
-    def _near(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """`distance` as the map's growth uses it: cell by cell among the likeliest states only."""
-        return self.distance(a, b, candidates=SAME_STATE_CANDIDATES)
+    def _sketch(self, vectors: torch.Tensor) -> torch.Tensor | None:
+        """[S,F] -> [S,K]: the vectors' sketches (see `SKETCH_DIM`), None where the latent is no
+        spatial map or already small: then candidates are found by the latents themselves."""
+        if self.imagination.cells is None or vectors.shape[1] <= 4 * SKETCH_DIM:
+            return None
+        if self.projection is None:  # fixed, so the same frames draw the same map
+            gen = torch.Generator().manual_seed(0)
+            self.projection = (torch.randn(vectors.shape[1], SKETCH_DIM, generator=gen) / SKETCH_DIM**0.5).to(vectors.device)
+        return vectors @ self.projection
+
+    def _near(self, a: torch.Tensor, b: torch.Tensor, a_sketch: torch.Tensor | None, b_sketch: torch.Tensor | None) -> torch.Tensor:
+        """`distance` as the map's growth uses it: each row of a is compared only with the
+        `SAME_STATE_CANDIDATES` states of b nearest it as whole latents (by their sketches when
+        given), inf for the others."""
+        im = self.imagination
+        if im.cells is None or len(b) <= SAME_STATE_CANDIDATES:
+            return self.distance(a, b)
+        rough = torch.cdist(a_sketch, b_sketch) if a_sketch is not None else im.distance(a, b)  # [S,G]
+        index = rough.topk(SAME_STATE_CANDIDATES, dim=1, largest=False).indices  # [S,k]
+        whole, cells = im.distances_at(a, b, index)
+        near = torch.minimum(_in_units(whole, self.scales[1]), _in_units(cells, self.scales[0]))
+        return torch.full_like(rough, torch.inf).scatter_(1, index, near)
 
     def grow(self, source: int) -> None:
-        """Extends the map breadth-first, a layer at a time, until it holds a path from `source`
-        to the goal, is full, or imagines nothing new."""
+        """Extends the map breadth-first, a chunk of states at a time, until it holds a path from
+        `source` to the goal, is full, or imagines nothing new."""
         while not self.closed and len(self.vectors) < self.max_nodes:
             if self._bfs(source)[2] is not None:
                 return
@@ -360,24 +401,35 @@ class ImaginedGraph:
 
     @torch.no_grad()
     def _expand(self) -> None:
+        """Steps the next `EXPAND_CHUNK` unexpanded states by every action, in the order they were
+        found (so the map grows breadth-first, as a queue), and adds what is new."""
         im, n_actions = self.imagination, len(self.actions)
-        frontier = torch.arange(self.expanded, len(self.vectors))
+        frontier = torch.arange(self.expanded, min(len(self.vectors), self.expanded + EXPAND_CHUNK))
         # every frontier state x every action, one batch: [F*A,...]
         nxt = im.step(self.states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
         vec = im.embed(nxt)
-        near, lead = self._near(vec, self.vectors).min(1)  # [F*A]: nearest known state
-        unknown = near > self.merge
-        fresh = first_of_each(vec, unknown.nonzero().flatten(), self.merge, self._near)
+        sk = self._sketch(vec)
+
+        def near(i: torch.Tensor | list[int], j: torch.Tensor | list[int]) -> torch.Tensor:  # of these predictions
+            return self._near(vec[i], vec[j], None if sk is None else sk[i], None if sk is None else sk[j])
+
+        near_known, lead = self._near(vec, self.vectors, sk, self.sketches).min(1)  # [F*A]: nearest known state
+        unknown = near_known > self.merge
+        candidates = unknown.nonzero().flatten()
+        fresh = first_of_each(candidates, (near(candidates, candidates) <= self.merge).cpu().numpy()) if len(candidates) else []
         first = len(self.vectors)
         if fresh:
             # a new prediction leads to the fresh state it is (or was merged into)
-            lead[unknown] = first + self._near(vec[unknown], vec[fresh]).argmin(1)
+            lead[unknown] = first + near(unknown.nonzero().flatten(), fresh).argmin(1)
             self.states, self.vectors = torch.cat([self.states, nxt[fresh]]), torch.cat([self.vectors, vec[fresh]])
+            if sk is not None:
+                self.sketches = torch.cat([self.sketches, sk[fresh]])
             self.goal_dist = torch.cat([self.goal_dist, self.distance(vec[fresh], self.goal).min(1).values])
-        self.edges[self.expanded :] = lead.reshape(len(frontier), n_actions).cpu().numpy()
+        end = self.expanded + len(frontier)
+        self.edges[self.expanded : end] = lead.reshape(len(frontier), n_actions).cpu().numpy()
         self.edges = np.concatenate([self.edges, np.full((len(fresh), n_actions), -1)])
         self.tried = np.concatenate([self.tried, np.zeros((len(fresh), n_actions), bool)])
-        self.expanded = first
+        self.expanded = end
 
     def _bfs(self, source: int) -> tuple[dict[int, int], list[int], int | None]:
         """Breadth-first over the map's edges from `source`: each reached state's parent, the

@@ -433,24 +433,40 @@ def test_spatial_same_state_distance_is_the_largest_distance_of_one_position(mon
     # the same distance for named pairs only: row i against the states index[i] names
     index = torch.tensor([[5, 0], [2, 2], [1, 4], [0, 3], [3, 1], [4, 5], [1, 0]])
     torch.testing.assert_close(imag.same_state_distance_at(a, b, index), brute.gather(1, index), atol=1e-5, rtol=1e-5)
+    # and, from the same gather, the whole unit latents' squared distance
+    ua, ub = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    whole, cells = imag.distances_at(ua, ub, index)
+    torch.testing.assert_close(whole, imag.distance(ua, ub).gather(1, index), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cells, brute.gather(1, index), atol=1e-5, rtol=1e-5)
 
 
-def test_a_map_compares_cell_by_cell_only_the_candidates_nearest_as_whole_latents():
-    """With `candidates` k, the map's distance is exact for each row's k nearest states as whole
-    latents and takes the whole view alone for the others; without, the full comparison."""
+def test_a_map_compares_each_prediction_only_with_its_candidates_nearest_as_whole_latents(monkeypatch):
+    """The map's growth compares a row exactly (the nearer of the two views) with the
+    `SAME_STATE_CANDIDATES` states nearest it as whole latents and calls the others inf; the
+    candidates are found by sketches (random projections) when the latent is large, and the
+    sketches find the same ones as the latents do when one state is much nearer than the rest."""
+    monkeypatch.setattr("planners.SAME_STATE_CANDIDATES", 3)
+    monkeypatch.setattr("planners.SKETCH_DIM", 32)
     imag = Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU)
     imag.cells = (16, 4, 4)
     g = ImaginedGraph(imag, NAV, 0.5)
     g.scales = [2.0, 0.25]
     gen = torch.Generator().manual_seed(3)
-    a, b = torch.randn(6, 256, generator=gen), torch.randn(9, 256, generator=gen)
-    full, whole = g.distance(a, b), imag.distance(a, b) / 0.25
-    sparse = g.distance(a, b, candidates=3)
+    b = F.normalize(torch.randn(9, 256, generator=gen), dim=1)
+    a = F.normalize(b[[4, 0, 7, 2, 2, 8]] + 0.05 * torch.randn(6, 256, generator=gen), dim=1)
+    full, whole = g.distance(a, b), imag.distance(a, b)
     nearest = whole.topk(3, dim=1, largest=False).indices
-    torch.testing.assert_close(sparse.gather(1, nearest), full.gather(1, nearest))
-    others = torch.ones_like(whole, dtype=torch.bool).scatter_(1, nearest, False)
-    torch.testing.assert_close(sparse[others], whole[others])
-    torch.testing.assert_close(g.distance(a, b, candidates=9), full)
+    near = g._near(a, b, None, None)
+    torch.testing.assert_close(near.gather(1, nearest), full.gather(1, nearest), atol=1e-5, rtol=1e-5)
+    assert torch.isinf(near[torch.ones_like(near, dtype=torch.bool).scatter_(1, nearest, False)]).all()
+    # by sketches the far candidates may be others, the near duplicate is among them
+    sketched = g._near(a, b, g._sketch(a), g._sketch(b))
+    compared = torch.isfinite(sketched)
+    assert compared.sum(1).tolist() == [3] * 6
+    torch.testing.assert_close(sketched[compared], full[compared], atol=1e-5, rtol=1e-5)
+    assert near.argmin(1).tolist() == sketched.argmin(1).tolist() == [4, 0, 7, 2, 2, 8]
+    assert g._sketch(a).shape == (6, 32) and torch.equal(g._sketch(a), g._sketch(a))
+    torch.testing.assert_close(g._near(a, b[:3], None, None), full[:, :3])  # no more states than candidates: all
 
 
 def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns():
