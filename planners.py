@@ -102,11 +102,6 @@ class Imagination:
             out.append((2 - 2 * torch.bmm(part, b).amin(0)).clamp_(min=0))
         return torch.cat(out) if out else a.new_zeros(0, len(b[0, 0]))
 
-    def same_state_distance_at(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """[S,F] x [G,F], index [S,k] -> [S,k]: a spatial latent's `same_state_distance` of each
-        row of a to the k states of b its row of index names."""
-        return self.distances_at(a, b, index)[1]
-
     def distances_at(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[S,F] x [G,F] unit latents (as `embed` and `target` give), index [S,k] -> ([S,k],
         [S,k]): a spatial latent's `distance` and `same_state_distance` of each row of a to the k

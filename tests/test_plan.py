@@ -430,10 +430,9 @@ def test_spatial_same_state_distance_is_the_largest_distance_of_one_position(mon
     near = a[:1] + 1e-3 * torch.randn(1, c * h * w, generator=gen)
     assert imag.same_state_distance(a[:1], torch.cat([flipped.view(1, -1), near]))[0].tolist() == pytest.approx([4.0, 0.0], abs=1e-3)
     assert imag.same_state_distance(a[:0], b).shape == (0, 6)
-    # the same distance for named pairs only: row i against the states index[i] names
+    # the same distance for named pairs only (row i against the states index[i] names) and, from
+    # the same gather, the whole unit latents' squared distance
     index = torch.tensor([[5, 0], [2, 2], [1, 4], [0, 3], [3, 1], [4, 5], [1, 0]])
-    torch.testing.assert_close(imag.same_state_distance_at(a, b, index), brute.gather(1, index), atol=1e-5, rtol=1e-5)
-    # and, from the same gather, the whole unit latents' squared distance
     ua, ub = F.normalize(a, dim=1), F.normalize(b, dim=1)
     whole, cells = imag.distances_at(ua, ub, index)
     torch.testing.assert_close(whole, imag.distance(ua, ub).gather(1, index), atol=1e-5, rtol=1e-5)
