@@ -5,8 +5,7 @@
   (steps to the goal on `LatentGraph`, the model's one-step edges between dataset frames).
 * Searches over sequences: `ExhaustiveSearch` and `CEMSearch`.
 * Planners: `SequencePlanner` (a search over a cost, receding horizon) and `ImaginedPlanner` (a
-  map of the model's own imagined states, `ImaginedGraph`, grown toward the goal: no dataset
-  frames).
+  breadth-first map of the model's own imagined states, `ImaginedGraph`: no dataset frames).
 
 `make_planner` builds the one a `PlanConfig` names; every planner has `start_episode(goal
 frames)`, `act(frame) -> action` and `beliefs(frame)` (what it thinks of the current frame).
@@ -306,14 +305,13 @@ EXPAND_CHUNK = 256
 
 
 class ImaginedGraph:
-    """A map drawn by the model alone, from the current frame: known states are stepped by every
-    action, those that could lie on the shortest way to the goal first (A*, by `heuristic`; a
-    latent without a map is grown breadth-first), and a prediction within `merge` of a known
-    state is that state (re-identification, as PPGS does), else a new node. Merging re-grounds
-    imagination on the state it first reached, so long paths do not drift; and the cost becomes
-    the number of steps through the imagined map, which follows walls and gaps where latent
-    distance cuts through them. No dataset frame is needed: this plans on layouts the model
-    never saw.
+    """A map drawn by the model alone, from the current frame: breadth-first, every known state is
+    stepped by every action, and a prediction within `merge` of a known state is that state
+    (re-identification, as PPGS does), else a new node. Merging re-grounds imagination on the
+    state it first reached, so long paths do not drift; and the cost becomes the number of steps
+    through the imagined map, which follows walls and gaps where latent distance cuts through
+    them. No dataset frame is needed: this plans on layouts the model never saw. When the map
+    holds no way to the goal, `rank` says which of its states look nearest it.
 
     The map is kept while the agent walks it: `locate` finds a frame among its states, `record`
     keeps where a step the agent took really led, `grow` extends the search when such a record
@@ -364,7 +362,7 @@ class ImaginedGraph:
         self.scales = [step_scale(local_steps(im, self.states, self.vectors, self.actions, view)) for view in self.views]
         self.goal_dist = self.distance(self.vectors, goal).min(1).values  # [N]
         self._place_goal()
-        self.cells_to_goal, self.ranks = self.heuristic(self.vectors), self.rank(self.vectors)  # [N], [N]
+        self.ranks = self.rank(self.vectors)  # [N]
         # edges[i, a]: the state action a leads to from state i (-1: not imagined); the states
         # not yet stepped by every action are the frontier
         self.edges, self.unexpanded = np.full((1, len(self.actions)), -1), np.ones(1, bool)
@@ -400,9 +398,8 @@ class ImaginedGraph:
     @torch.no_grad()
     def heuristic(self, vectors: torch.Tensor) -> torch.Tensor:
         """[S,F] -> [S]: a spatial latent's map positions between each state's agent (where it
-        differs most from `background`) and the nearest goal, as a grid walk counts them (no
-        fewer than the forward steps left, when a position is a cell, so the growth toward the
-        goal stays shortest-first); zeros for a latent without a map."""
+        differs most from `background`) and the nearest goal, as a grid walk counts them; zeros
+        for a latent without a map."""
         if self.goal_cells is None:
             return torch.zeros(len(vectors), device=vectors.device)
         here = _agent_at(self.imagination.cell_changes(vectors, self.background), self.imagination.cells[2])  # [S,2]
@@ -411,9 +408,9 @@ class ImaginedGraph:
     @torch.no_grad()
     def rank(self, vectors: torch.Tensor) -> torch.Tensor:
         """[S,F] -> [S]: how near states look to the goal, to choose among states none of which is
-        known to lead there: `heuristic` positions, ties broken by latent distance (alone, without
-        a map: on a map a state differs from the goal frame at two positions wherever its agent is,
-        so that distance cannot tell near from far)."""
+        known to lead there: `heuristic` positions plus at most a half for the latent distance (that
+        alone without a map; on a map a state differs from the goal frame at two positions
+        wherever its agent is, so latent distance cannot tell near from far)."""
         d = self.imagination.same_state_distance(vectors, self.goal).amin(1)
         return self.heuristic(vectors) + 0.5 * d / (1 + d)
 
@@ -451,29 +448,13 @@ class ImaginedGraph:
         return torch.full_like(rough, torch.inf).scatter_(1, index, near)
 
     def grow(self, source: int) -> None:
-        """Extends the map, a chunk of states at a time, until it holds a path from `source` to
-        the goal that no state left to step could shorten, is full, or imagines nothing new
-        from `source`."""
-        while len(self.vectors) < self.max_nodes:
-            parent, order, goal = self._bfs(source)
-            depth = self._depths(parent, order)
-            frontier = np.array([node for node in order if self.unexpanded[node]], np.int64)
-            if not len(frontier):
+        """Extends the map breadth-first, a chunk of states at a time, until it holds a path from
+        `source` to the goal, is full, or imagines nothing new."""
+        while not self.closed and len(self.vectors) < self.max_nodes:
+            if self._bfs(source)[2] is not None:
                 return
-            # A*: the fewest steps a path through a frontier state can take, by `heuristic`;
-            # without a map, breadth-first, and the first path found is taken
-            bound = np.array([depth[node] for node in frontier]) + self.cells_to_goal.cpu().numpy()[frontier]
-            if goal is not None and (self.goal_cells is None or bound.min() >= depth[goal]):
-                return
-            self._expand(torch.from_numpy(frontier[np.argsort(bound, kind="stable")[:EXPAND_CHUNK]]))
-
-    @staticmethod
-    def _depths(parent: dict[int, int], order: list[int]) -> dict[int, int]:
-        """Steps from the source to each state `_bfs` reached (its parents and order)."""
-        depth: dict[int, int] = {}
-        for node in order:
-            depth[node] = depth[parent[node]] + 1 if parent[node] >= 0 else 0
-        return depth
+            unexpanded = np.flatnonzero(self.unexpanded)
+            self._expand(torch.from_numpy(unexpanded[:EXPAND_CHUNK]))
 
     @property
     def closed(self) -> bool:
@@ -483,7 +464,12 @@ class ImaginedGraph:
 
     @torch.no_grad()
     def _expand(self, frontier: torch.Tensor) -> None:
-        """Steps the frontier states (indices) by every action and adds what is new."""
+        """Steps the frontier states (indices) by every action and adds what is new. The map
+        grows as a queue, in the order states were found, because a state's first prediction is
+        the one kept: breadth-first, it is the one imagined in the fewest steps, so the least
+        drifted. (Measured: grown fewest steps plus `heuristic` cells first (A*), 64 states at a
+        time, the first maps of 10 held-out FourRooms layouts reached the goal on 4, against 7
+        breadth-first.)"""
         im, n_actions = self.imagination, len(self.actions)
         # every frontier state x every action, one batch: [F*A,...]
         nxt = im.step(self.states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
@@ -505,7 +491,6 @@ class ImaginedGraph:
             if sk is not None:
                 self.sketches = torch.cat([self.sketches, sk[fresh]])
             self.goal_dist = torch.cat([self.goal_dist, self.distance(vec[fresh], self.goal).min(1).values])
-            self.cells_to_goal = torch.cat([self.cells_to_goal, self.heuristic(vec[fresh])])
             self.ranks = torch.cat([self.ranks, self.rank(vec[fresh])])
         rows, tried = lead.reshape(len(frontier), n_actions).cpu().numpy(), self.tried[frontier.numpy()]
         rows[tried] = self.edges[frontier.numpy()][tried]  # a step the agent took stays as it went
