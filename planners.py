@@ -124,26 +124,6 @@ class Imagination:
             return a.new_zeros(index.shape), a.new_zeros(index.shape)
         return torch.cat(whole), torch.cat(cells)
 
-    def cell_changes(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Spatial unit latents [S,F] x [1,F] (or [S,F], row by row) -> [S,P]: the squared
-        distance at each map position of the two positions' unit vectors."""
-        c, h, w = self.cells
-        a, b = _unit_cells(a.reshape(len(a), c, h * w)), _unit_cells(b.reshape(len(b), c, h * w))
-        return (2 - 2 * (a * b).sum(1)).clamp_(min=0)
-
-
-def _agent_at(changes: torch.Tensor, w: int) -> torch.Tensor:
-    """Changes [S,P] of maps w positions wide -> [S,2]: (row, column) of each map's agent, the
-    mean position of the 3x3 block around its largest change weighted by the changes (an encoder
-    spreads the agent over neighbouring positions, and the largest alone moved among them)."""
-    at = changes.argmax(1)  # [S]
-    p = torch.arange(changes.shape[1], device=changes.device)
-    rows, cols = p // w, p % w  # [P]
-    near = ((rows - (at // w)[:, None]).abs() <= 1) & ((cols - (at % w)[:, None]).abs() <= 1)  # [S,P]
-    weight = changes.clamp(min=0) * near
-    total = weight.sum(1).clamp(min=1e-12)
-    return torch.stack([(weight * rows).sum(1) / total, (weight * cols).sum(1) / total], 1)
-
 
 def _cell_lengths(maps: torch.Tensor) -> torch.Tensor:
     """Feature maps [...,C,P] -> [...,P]: the length of each position's C-vector (F.normalize
@@ -310,8 +290,7 @@ class ImaginedGraph:
     (re-identification, as PPGS does), else a new node. Merging re-grounds imagination on the
     state it first reached, so long paths do not drift; and the cost becomes the number of steps
     through the imagined map, which follows walls and gaps where latent distance cuts through
-    them. No dataset frame is needed: this plans on layouts the model never saw. When the map
-    holds no way to the goal, `rank` says which of its states look nearest it.
+    them. No dataset frame is needed: this plans on layouts the model never saw.
 
     The map is kept while the agent walks it: `locate` finds a frame among its states, `record`
     keeps where a step the agent took really led, `grow` extends the search when such a record
@@ -361,58 +340,12 @@ class ImaginedGraph:
         self.sketches = self._sketch(self.vectors)  # [1,K], or None: candidates found exactly
         self.scales = [step_scale(local_steps(im, self.states, self.vectors, self.actions, view)) for view in self.views]
         self.goal_dist = self.distance(self.vectors, goal).min(1).values  # [N]
-        self._place_goal()
-        self.ranks = self.rank(self.vectors)  # [N]
-        # edges[i, a]: the state action a leads to from state i (-1: not imagined); the states
-        # not yet stepped by every action are the frontier
-        self.edges, self.unexpanded = np.full((1, len(self.actions)), -1), np.ones(1, bool)
+        # edges[i, a]: the state action a leads to from state i (-1: not imagined); states
+        # [0, expanded) have been stepped by every action, the rest are the frontier
+        self.edges, self.expanded = np.full((1, len(self.actions)), -1), 0
         self.tried = np.zeros((1, len(self.actions)), bool)  # steps the agent has taken (edges as they really are)
         self.grow(0)
         return self.path_from(0)
-
-    @torch.no_grad()
-    def _place_goal(self) -> None:
-        """Where on a spatial latent's map the goal is (`goal_cells` [G,2]), and the map with no
-        agent on it (`background` [1,F]), read from the latents alone: the root state's agent is
-        where its own imagined steps change it most, the background is the root's map with the
-        agent's neighbourhood taken from a goal frame, and a goal frame's agent is where it
-        differs most from the background. None for a latent without a map."""
-        im = self.imagination
-        self.goal_cells = self.background = None
-        if im.cells is None:
-            return
-        c, h, w = im.cells
-        root = self.vectors[:1]
-        moved = im.embed(im.step(self.states.expand(len(self.actions), *self.states.shape[1:]), self.actions))  # [A,F]
-        agent = int(im.cell_changes(moved, root).sum(0).argmax())
-        # the trained encoders spread the agent over a block of 2x2 positions around its own
-        # (measured on FourRooms frames: 90% of the largest changes fell in it), so a wider
-        # neighbourhood is taken from the goal frame
-        rows, cols = torch.arange(h * w) // w, torch.arange(h * w) % w
-        around = ((rows - agent // w).abs() <= 2) & ((cols - agent % w).abs() <= 2)  # [P]
-        background = root.reshape(c, h * w).clone()
-        background[:, around] = self.goal[0].reshape(c, h * w)[:, around]
-        self.background = background.reshape(1, -1)
-        self.goal_cells = _agent_at(im.cell_changes(self.goal, self.background), w)
-
-    @torch.no_grad()
-    def heuristic(self, vectors: torch.Tensor) -> torch.Tensor:
-        """[S,F] -> [S]: a spatial latent's map positions between each state's agent (where it
-        differs most from `background`) and the nearest goal, as a grid walk counts them; zeros
-        for a latent without a map."""
-        if self.goal_cells is None:
-            return torch.zeros(len(vectors), device=vectors.device)
-        here = _agent_at(self.imagination.cell_changes(vectors, self.background), self.imagination.cells[2])  # [S,2]
-        return (here[:, None] - self.goal_cells[None]).abs().sum(2).amin(1)
-
-    @torch.no_grad()
-    def rank(self, vectors: torch.Tensor) -> torch.Tensor:
-        """[S,F] -> [S]: how near states look to the goal, to choose among states none of which is
-        known to lead there: `heuristic` positions plus at most a half for the latent distance (that
-        alone without a map; on a map a state differs from the goal frame at two positions
-        wherever its agent is, so latent distance cannot tell near from far)."""
-        d = self.imagination.same_state_distance(vectors, self.goal).amin(1)
-        return self.heuristic(vectors) + 0.5 * d / (1 + d)
 
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[S,F] x [G,F] -> [S,G] in units of the map's shortest real step: the nearer of the views
@@ -453,24 +386,20 @@ class ImaginedGraph:
         while not self.closed and len(self.vectors) < self.max_nodes:
             if self._bfs(source)[2] is not None:
                 return
-            unexpanded = np.flatnonzero(self.unexpanded)
-            self._expand(torch.from_numpy(unexpanded[:EXPAND_CHUNK]))
+            self._expand()
 
     @property
     def closed(self) -> bool:
         """Every state is stepped by every action, and each step is a known state: imagining
         further, from here or anywhere in the map, adds nothing."""
-        return not self.unexpanded.any()
+        return self.expanded == len(self.vectors)
 
     @torch.no_grad()
-    def _expand(self, frontier: torch.Tensor) -> None:
-        """Steps the frontier states (indices) by every action and adds what is new. The map
-        grows as a queue, in the order states were found, because a state's first prediction is
-        the one kept: breadth-first, it is the one imagined in the fewest steps, so the least
-        drifted. (Measured: grown fewest steps plus `heuristic` cells first (A*), 64 states at a
-        time, the first maps of 10 held-out FourRooms layouts reached the goal on 4, against 7
-        breadth-first.)"""
+    def _expand(self) -> None:
+        """Steps the next `EXPAND_CHUNK` unexpanded states by every action, in the order they were
+        found (so the map grows breadth-first, as a queue), and adds what is new."""
         im, n_actions = self.imagination, len(self.actions)
+        frontier = torch.arange(self.expanded, min(len(self.vectors), self.expanded + EXPAND_CHUNK))
         # every frontier state x every action, one batch: [F*A,...]
         nxt = im.step(self.states[frontier].repeat_interleave(n_actions, 0), self.actions.repeat(len(frontier)))
         vec = im.embed(nxt)
@@ -491,14 +420,11 @@ class ImaginedGraph:
             if sk is not None:
                 self.sketches = torch.cat([self.sketches, sk[fresh]])
             self.goal_dist = torch.cat([self.goal_dist, self.distance(vec[fresh], self.goal).min(1).values])
-            self.ranks = torch.cat([self.ranks, self.rank(vec[fresh])])
-        rows, tried = lead.reshape(len(frontier), n_actions).cpu().numpy(), self.tried[frontier.numpy()]
-        rows[tried] = self.edges[frontier.numpy()][tried]  # a step the agent took stays as it went
-        self.edges[frontier.numpy()] = rows
-        self.unexpanded[frontier.numpy()] = False
+        end = self.expanded + len(frontier)
+        self.edges[self.expanded : end] = lead.reshape(len(frontier), n_actions).cpu().numpy()
         self.edges = np.concatenate([self.edges, np.full((len(fresh), n_actions), -1)])
         self.tried = np.concatenate([self.tried, np.zeros((len(fresh), n_actions), bool)])
-        self.unexpanded = np.concatenate([self.unexpanded, np.ones(len(fresh), bool)])
+        self.expanded = end
 
     def _bfs(self, source: int) -> tuple[dict[int, int], list[int], int | None]:
         """Breadth-first over the map's edges from `source`: each reached state's parent, the
@@ -530,13 +456,13 @@ class ImaginedGraph:
 
     def path_from(self, source: int) -> tuple[list[int], list[int]]:
         """The shortest imagined path from state `source` to the nearest goal state, else to the
-        reachable state that looks nearest (`rank`): its action indices and the states it
-        should meet."""
+        reachable state nearest the goal in latent distance: its action indices and the states
+        it should meet."""
         parent, order, goal = self._bfs(source)
         self.nodes, self.reached = len(self.vectors), goal is not None
         if goal is None:
-            ranks = self.ranks.cpu().numpy()
-            goal = min(order, key=lambda node: ranks[node])
+            dist = self.goal_dist.cpu().numpy()
+            goal = min(order, key=lambda node: dist[node])
         return self._path(parent, source, goal)
 
     def explore_from(self, source: int) -> tuple[list[int], list[int]]:
@@ -544,10 +470,9 @@ class ImaginedGraph:
         action the agent has not tried there, then that action. Steps the model imagines to
         change nothing come first (a wall the model imagines where the world has a gap is found
         only by stepping into it; a turn is rarely wrong), then the others, each time the one
-        predicted to land nearest the goal (`rank`). Empty when every reachable step has been
-        tried."""
+        predicted to land nearest the goal. Empty when every reachable step has been tried."""
         parent, order, _ = self._bfs(source)
-        dist = np.append(self.ranks.cpu().numpy(), np.inf)  # edge -1: a step out of the map
+        dist = np.append(self.goal_dist.cpu().numpy(), np.inf)  # edge -1: a step out of the map
         for blocked_only in (True, False):
             for node in order:
                 untried = np.flatnonzero(~self.tried[node] & (self.edges[node] == node if blocked_only else True))
@@ -741,7 +666,7 @@ class ImaginedPlanner(_GoalPlanner):
         self.expected: int | None = None  # the state the last action should lead to
         self.taken: tuple[int, int] | None = None  # (state, action index) of the last action
         self.exploring = 0  # steps this episode taken towards a step not yet tried
-        # the `rank` of the frame nearest the goal a map was drawn from: a map
+        # the latent distance to the goal of the frame nearest it a map was drawn from: a map
         # is centred again only nearer the goal, so new maps cannot go back and forth
         self.nearest_centre = float("inf")
         self.taken_at: dict[bytes, np.ndarray] = {}  # frame -> times each action was taken there
@@ -761,14 +686,15 @@ class ImaginedPlanner(_GoalPlanner):
         here = g.locate(vector, self.expected)
         if self.taken is not None:
             g.record(*self.taken, here)
+        to_goal = float(im.same_state_distance(vector, self.goal).min())
         if here is not None:
             g.grow(here)
             actions, nodes = g.path_from(here)
-            if not actions and not g.closed and here != 0 and float(g.ranks[here]) < self.nearest_centre:
+            if not actions and not g.closed and here != 0 and to_goal < self.nearest_centre:
                 here = None  # at the edge of a full map, nearer the goal than any map's centre yet: centre one here
         if here is None:
             (actions, nodes), here = g.search(frame, self.goal), 0
-            self.nearest_centre = min(self.nearest_centre, float(g.ranks[0]))
+            self.nearest_centre = min(self.nearest_centre, to_goal)
         self.cost_to_go = float(len(actions)) if g.reached else float("nan")
         if not g.reached and (g.closed or not actions):
             # nothing left to imagine here: step by step to the nearest step not yet tried (each

@@ -477,56 +477,6 @@ def test_imagined_search_of_a_model_that_cannot_walk_stays_small_and_only_turns(
     assert planner.imagined.nodes == 4 and a in (0, 1, 2)
 
 
-class MapModel(GridModel):
-    """A perfect model whose latent is a map [C,8,8], one position per grid cell, as the spatial
-    CNN JEPA's: each cell holds a fixed random vector (the floor, walls and goal square), and the
-    agent's cell a vector of its heading instead."""
-
-    C = 32
-
-    def __init__(self, frame_of: dict, seed=0):
-        super().__init__(frame_of, dim=self.C * SIDE * SIDE, seed=seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        floor, agent = torch.randn(self.C, SIDE, SIDE, generator=g), torch.randn(4, self.C, generator=g)
-        maps = floor.expand(len(STATES), -1, -1, -1).clone()
-        for i, (x, y, d) in enumerate(STATES):
-            maps[i, :, y, x] = agent[d]
-        self.table = F.normalize(maps.flatten(1), dim=-1)
-        self.map_shape = (self.C, SIDE, SIDE)
-
-
-def test_a_map_reads_where_the_agent_is_and_counts_the_cells_to_the_goal():
-    """On a spatial latent the map finds the goal's position and, for each state, its agent's,
-    from the latents alone, and its heuristic is the grid walk between them."""
-    imag = Imagination(MapModel(TOKEN), "jepa_cnn", CPU)
-    planner = planner_for(imag, None, planner="imagined")
-    planner.act(frame((1, 2, 0)))
-    g = planner.imagined
-    torch.testing.assert_close(g.goal_cells, torch.tensor([[GOAL[1], GOAL[0]]] * 4, dtype=torch.float))  # (row, column) of each goal frame
-    vectors = imag.target(torch.from_numpy(tokens(STATES)))
-    expected = [abs(x - GOAL[0]) + abs(y - GOAL[1]) for x, y, _ in STATES]
-    torch.testing.assert_close(g.heuristic(vectors), torch.tensor(expected, dtype=torch.float))
-    # without a map the heuristic is nothing: the search is breadth-first
-    flat = planner_for(Imagination(GridModel(TOKEN, dim=256), "jepa_cnn", CPU), None, planner="imagined")
-    flat.act(frame((1, 2, 0)))
-    assert flat.imagined.goal_cells is None and flat.imagined.heuristic(vectors[:, :256]).eq(0).all()
-
-
-def test_a_map_without_the_goal_leads_to_its_state_whose_agent_is_nearest_the_goal():
-    """A map too small to reach the goal walks to the state whose agent stands nearest the goal
-    cell: on a spatial latent latent distance cannot tell (every state is as far from the goal
-    frame: two positions differ), the agent's place on the map can."""
-    model = MapModel(TOKEN)
-    imag = Imagination(model, "jepa_cnn", CPU)
-    planner = planner_for(imag, None, planner="imagined", max_nodes=24)
-    g = planner.imagined
-    actions, nodes = g.search(frame((1, 1, 0)), planner.goal)
-    assert not g.reached and nodes
-    state_of = [STATES[int(i)] for i in (g.vectors @ model.table.T).argmax(1)]  # each map state's true state
-    cells = [abs(x - GOAL[0]) + abs(y - GOAL[1]) for x, y, _ in state_of]
-    assert cells[nodes[-1]] == min(cells) < cells[0]
-
-
 # ----------------------------------------------------------------------------- the real env
 
 
